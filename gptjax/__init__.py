@@ -1,0 +1,1 @@
+"""gptjax: GPT-style decoder-only language models in JAX/Flax."""

@@ -1,0 +1,162 @@
+"""The typed configuration: dataclasses, named YAML configs and `key=value` overrides.
+
+A run is described by one `Config`. Named configs live in `configs/NAME.yaml` (shipped as the
+package `gptjax.configs`) and hold only what differs from the defaults below. Any field can be
+overridden from the command line as `section.field=value` (OmegaConf dot-list syntax); OmegaConf
+checks keys and types against the dataclasses.
+"""
+
+import dataclasses
+import importlib.resources
+import pathlib
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gptjax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 50257  # replaced by the prepared data's vocabulary size at train time
+  block_size: int = 1024  # context length (learned positions)
+  n_layer: int = 12
+  n_head: int = 12
+  n_embd: int = 768
+  dropout: float = 0.0  # on embeddings and residual branches
+  bias: bool = True  # biases in Dense and LayerNorm layers, as GPT-2
+  layer_norm_epsilon: float = 1e-5
+  dtype: str = "auto"  # compute dtype: auto (bfloat16 on accelerators, float32 on CPU), float32, bfloat16
+  remat: bool = False  # recompute each block's activations in the backward pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  dir: str = "data/shakespeare_char"  # written by `gptjax prepare`
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 6e-4  # peak, after warmup
+  min_lr: float = 6e-5  # floor of the cosine decay
+  warmup_iters: int = 2000
+  lr_decay_iters: int = 600000  # cosine decay ends here; min_lr afterwards
+  weight_decay: float = 0.1  # applied to matrices only
+  beta1: float = 0.9
+  beta2: float = 0.95
+  grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes; -1 means all devices not used by the other axes."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  out_dir: str = "out/run"
+  batch_size: int = 12  # sequences per micro-batch, summed over all devices
+  grad_accum_steps: int = 1  # micro-batches per optimizer step
+  max_iters: int = 600000  # optimizer steps
+  eval_interval: int = 2000
+  eval_iters: int = 200  # batches per split for each evaluation
+  log_interval: int = 10
+  checkpoint_interval: int = 2000
+  keep_checkpoints: int = 2  # latest N are kept, plus the best by validation loss
+  seed: int = 1337
+  peak_flops_per_device: float = 0.0  # for MFU; 0 looks the device up in a table
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def named_config_path(name: str) -> pathlib.Path:
+  """A YAML path as given, or the shipped config called `name`."""
+  path = pathlib.Path(name)
+  if path.suffix in (".yaml", ".yml"):
+    if not path.is_file():
+      raise UserError(f"config file {name} does not exist")
+    return path
+  shipped = importlib.resources.files("gptjax.configs") / f"{name}.yaml"
+  if not shipped.is_file():
+    names = sorted(p.name[:-5] for p in importlib.resources.files("gptjax.configs").iterdir()
+                   if p.name.endswith(".yaml"))
+    raise UserError(f"unknown config {name!r}; named configs: {', '.join(names)}")
+  return pathlib.Path(str(shipped))
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+  message = str(e).splitlines()[0]
+  key = getattr(e, "full_key", None)
+  return f"{key}: {message}" if key and key not in message else message
+
+
+def _merge(*sources) -> Config:
+  try:
+    merged = OmegaConf.merge(OmegaConf.structured(Config), *sources)
+    return validate(OmegaConf.to_object(merged))
+  except OmegaConfBaseException as e:
+    raise UserError(f"bad config: {_one_line(e)}") from None
+
+
+def load_config(name: str | None = None, overrides: list[str] = ()) -> Config:
+  """Defaults, then the named config or YAML file, then `section.field=value` overrides."""
+  sources = []
+  if name:
+    sources.append(OmegaConf.load(named_config_path(name)))
+  for item in overrides:
+    if "=" not in item:
+      raise UserError(f"bad override {item!r}: expected section.field=value")
+  try:
+    sources.append(OmegaConf.from_dotlist(list(overrides)))
+  except OmegaConfBaseException as e:
+    raise UserError(f"bad override: {_one_line(e)}") from None
+  return _merge(*sources)
+
+
+def validate(cfg: Config) -> Config:
+  """Checks that types alone cannot express."""
+  m, t, o = cfg.model, cfg.train, cfg.optim
+  checks = [
+      (m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}"),
+      (min(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) > 0, "model sizes must be positive"),
+      (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} is not in [0, 1)"),
+      (m.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={m.dtype!r} is not auto, float32 or bfloat16"),
+      (min(t.batch_size, t.grad_accum_steps, t.eval_iters, t.log_interval) > 0,
+       "train.batch_size, grad_accum_steps, eval_iters and log_interval must be positive"),
+      (min(t.eval_interval, t.checkpoint_interval, t.keep_checkpoints) > 0,
+       "train.eval_interval, checkpoint_interval and keep_checkpoints must be positive"),
+      (t.max_iters >= 0, f"train.max_iters={t.max_iters} is negative"),
+      (o.learning_rate > 0 and 0 <= o.min_lr <= o.learning_rate,
+       "optim.learning_rate must be positive and optim.min_lr in [0, learning_rate]"),
+      (o.warmup_iters >= 0 and o.lr_decay_iters > o.warmup_iters,
+       "optim.lr_decay_iters must be larger than optim.warmup_iters >= 0"),
+      (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and weight_decay must be >= 0"),
+      (all(s == -1 or s > 0 for s in dataclasses.astuple(cfg.mesh)), "mesh axis sizes must be positive or -1"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise UserError(message)
+  return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+  return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> Config:
+  return _merge(OmegaConf.create(values))
