@@ -1,0 +1,90 @@
+"""Tokenizers: character-level (vocabulary stored with the data) and GPT-2 BPE through tiktoken.
+
+The GPT-2 BPE files ship inside the package (`assets/gpt2`), so nothing is downloaded.
+A tokenizer is described by a small JSON-able dict (`to_meta`) saved beside prepared data and
+checkpoints, and rebuilt from it with `from_meta`.
+"""
+
+import functools
+import importlib.resources
+
+import tiktoken
+import tiktoken.load
+from tiktoken_ext import openai_public
+
+from gptjax.errors import UserError
+
+_GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_EOT_ID = 50256
+
+
+class CharTokenizer:
+  """One token per distinct character of the training text."""
+
+  eot_id = None
+
+  def __init__(self, chars: str):
+    self.chars = chars
+    self._ids = {c: i for i, c in enumerate(chars)}
+
+  @classmethod
+  def from_text(cls, text: str) -> "CharTokenizer":
+    return cls("".join(sorted(set(text))))
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.chars)
+
+  def encode(self, text: str) -> list[int]:
+    try:
+      return [self._ids[c] for c in text]
+    except KeyError as e:
+      raise UserError(f"character {e.args[0]!r} is not in the character vocabulary of this model") from None
+
+  def decode(self, ids) -> str:
+    return "".join(self.chars[i] for i in ids)
+
+  def to_meta(self) -> dict:
+    return {"kind": "char", "chars": self.chars}
+
+
+class GPT2Tokenizer:
+  """GPT-2's byte-level BPE (50257 tokens, <|endoftext|> = 50256)."""
+
+  eot_id = GPT2_EOT_ID
+  vocab_size = 50257
+
+  def __init__(self):
+    self._encoding = _gpt2_encoding()
+
+  def encode(self, text: str) -> list[int]:
+    return self._encoding.encode_ordinary(text)
+
+  def decode(self, ids) -> str:
+    return self._encoding.decode(list(ids))
+
+  def to_meta(self) -> dict:
+    return {"kind": "gpt2"}
+
+
+@functools.cache
+def _gpt2_encoding() -> tiktoken.Encoding:
+  assets = importlib.resources.files("gptjax") / "assets" / "gpt2"
+  ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+      str(assets / "vocab.bpe"), str(assets / "encoder.json"),
+      vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256, encoder_json_hash=_GPT2_ENCODER_JSON_SHA256)
+  return tiktoken.Encoding(
+      "gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
+      special_tokens={"<|endoftext|>": GPT2_EOT_ID}, explicit_n_vocab=50257)
+
+
+Tokenizer = CharTokenizer | GPT2Tokenizer
+
+
+def from_meta(meta: dict) -> Tokenizer:
+  if meta.get("kind") == "char":
+    return CharTokenizer(meta["chars"])
+  if meta.get("kind") == "gpt2":
+    return GPT2Tokenizer()
+  raise UserError(f"unknown tokenizer {meta.get('kind')!r}")
