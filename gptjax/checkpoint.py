@@ -1,0 +1,96 @@
+"""Orbax checkpoints: OUT_DIR/checkpoints/<step>/{params, opt_state, progress, config, tokenizer}.
+
+The latest `keep` checkpoints are kept for resuming, plus the one with the lowest validation
+loss. Parameters and optimizer state are separate items so that sampling and evaluation read only
+the parameters. Arrays restore onto whatever shardings the caller asks for, so a checkpoint saved
+on one mesh loads on another.
+"""
+
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from gptjax import config as config_lib
+from gptjax.errors import UserError
+
+
+def _val_loss(metrics: dict) -> float:
+  return metrics["val_loss"]
+
+
+def checkpoint_dir(out_dir: str) -> pathlib.Path:
+  return pathlib.Path(out_dir).absolute() / "checkpoints"
+
+
+def open_manager(out_dir: str, *, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=keep),
+      checkpoint_managers.BestN(get_metric_fn=_val_loss, reverse=True, n=1),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      create=create, preservation_policy=policy, best_fn=_val_loss, best_mode="min")
+  return ocp.CheckpointManager(checkpoint_dir(out_dir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, progress: dict,
+         config: config_lib.Config, tokenizer: dict, val_loss: float) -> None:
+  """Saves asynchronously; `manager.wait_until_finished()` before relying on the files."""
+  manager.save(step, metrics={"val_loss": float(val_loss)}, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      progress=ocp.args.JsonSave(progress),
+      config=ocp.args.JsonSave(config_lib.to_dict(config)),
+      tokenizer=ocp.args.JsonSave(tokenizer)))
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
+  """(params, opt_state, progress) of `step`, placed as the abstract trees' shardings say."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params),
+      opt_state=ocp.args.StandardRestore(abstract_opt_state),
+      progress=ocp.args.JsonRestore()))
+  return restored.params, restored.opt_state, restored.progress
+
+
+def select_step(manager: ocp.CheckpointManager, out_dir: str, which: str) -> int:
+  """`which` is "best", "latest" or a step number."""
+  steps = manager.all_steps()
+  if not steps:
+    raise UserError(f"no checkpoint in {out_dir}")
+  if which == "best":
+    return manager.best_step()
+  if which == "latest":
+    return manager.latest_step()
+  if not which.isdigit() or int(which) not in steps:
+    raise UserError(f"no checkpoint {which!r} in {out_dir}; saved steps: {sorted(steps)}")
+  return int(which)
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> tuple[config_lib.Config, dict]:
+  """The run's config and tokenizer description saved with `step`."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
+  return config_lib.from_dict(restored.config), restored.tokenizer
+
+
+def load_for_inference(out_dir: str, which: str = "best", abstract_params_fn=None):
+  """(config, tokenizer meta, params, step) from a run directory, params on the default device.
+
+  `abstract_params_fn(config)` returns the parameters' ShapeDtypeStructs (with shardings).
+  """
+  if not checkpoint_dir(out_dir).is_dir():
+    raise UserError(f"no checkpoint in {out_dir}: expected {checkpoint_dir(out_dir)}")
+  manager = open_manager(out_dir, create=False)
+  step = select_step(manager, out_dir, which)
+  cfg, tokenizer = read_config(manager, step)
+  params = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params_fn(cfg)))).params
+  manager.close()
+  return cfg, tokenizer, params, step
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs of `tree` carrying `shardings` (the restore target for Orbax)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

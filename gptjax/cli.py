@@ -1,0 +1,52 @@
+"""The `gptjax` command: gptjax {prepare,train,sample,perplexity} ...
+
+Bad input (a `UserError`) is printed as one line, `gptjax: error: ...`, with exit status 2.
+"""
+
+import argparse
+import importlib
+import sys
+
+from gptjax.errors import UserError
+
+COMMANDS = {
+    "prepare": "gptjax.prepare",
+    "train": "gptjax.train",
+    "sample": "gptjax.sample",
+    "perplexity": "gptjax.evaluate",
+}
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+  """argparse reports bad arguments as `usage` plus an error; keep just the error line."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message}")
+
+
+def run(command: str, argv: list[str]) -> None:
+  """Runs one command's `main(argv)`, turning bad input into a one-line error."""
+  argparse.ArgumentParser.error = _OneLineErrors.error  # every command's parser
+  try:
+    importlib.import_module(COMMANDS[command]).main(argv)
+  except UserError as e:
+    print(f"gptjax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("gptjax: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] not in COMMANDS:
+    if argv and argv[0] in ("-h", "--help"):
+      print(__doc__.strip())
+      return
+    print(f"gptjax: error: expected a command, one of {', '.join(COMMANDS)}", file=sys.stderr)
+    sys.exit(2)
+  run(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,99 @@
+"""Perplexity of a checkpoint on a text file or a prepared split, with sliding windows.
+
+    gptjax perplexity --checkpoint out/shakespeare_char_cpu --split val
+    gptjax perplexity --checkpoint out/gpt2 --text milton.txt --stride 512
+
+The standard method for fixed-context models: windows of up to `block_size` tokens start every
+`stride` tokens; each window scores only the tokens that earlier windows did not, so every token
+after the first is scored once, with up to `block_size - stride` tokens of context before it.
+stride = block_size gives disjoint windows; a smaller stride gives more context and costs more.
+"""
+
+import argparse
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gptjax import data
+from gptjax import model as model_lib
+from gptjax import sample
+from gptjax.config import ModelConfig
+from gptjax.errors import UserError
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+  """(begin, end, first_scored) per window: it reads tokens[begin:end] and scores positions
+  [first_scored, end), each predicted from the tokens before it inside the window."""
+  windows, scored_until = [], 1  # token 0 has no context and is never scored
+  for begin in range(0, n_tokens - 1, stride):
+    end = min(begin + context, n_tokens)
+    windows.append((begin, end, scored_until))
+    scored_until = end
+    if end == n_tokens:
+      break
+  return windows
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _window_nll(params, inputs, targets, weights, *, cfg: ModelConfig):
+  """inputs, targets, weights: [W, block] -> summed weighted NLL over the windows."""
+  logits = model_lib.GPT(cfg).apply({"params": params}, inputs)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(nll * weights)
+
+
+def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, batch_size: int = 8) -> dict:
+  """{"tokens": scored token count, "nll": mean NLL in nats, "perplexity": exp(nll)}."""
+  block = cfg.block_size
+  if not 0 < stride <= block:
+    raise UserError(f"stride={stride} is not in [1, block_size={block}]")
+  if len(tokens) < 2:
+    raise UserError(f"the text has {len(tokens)} tokens; perplexity needs at least 2")
+  tokens = np.asarray(tokens, np.int32)
+  windows = sliding_windows(len(tokens), block, stride)
+  total_nll, total_count = 0.0, 0
+  for first in range(0, len(windows), batch_size):  # fixed [batch_size, block] shapes: one compile
+    inputs = np.zeros((batch_size, block), np.int32)
+    targets = np.zeros((batch_size, block), np.int32)
+    weights = np.zeros((batch_size, block), np.float32)
+    for row, (begin, end, scored_from) in enumerate(windows[first:first + batch_size]):
+      inputs[row, :end - begin] = tokens[begin:end]
+      targets[row, :end - begin - 1] = tokens[begin + 1:end]  # position j predicts token begin + j + 1
+      weights[row, scored_from - begin - 1:end - begin - 1] = 1.0
+    total_nll += float(_window_nll(params, inputs, targets, weights, cfg=cfg))
+    total_count += int(weights.sum())
+  nll = total_nll / total_count
+  return {"tokens": total_count, "nll": nll, "perplexity": math.exp(nll)}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="gptjax perplexity", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True, help="a run's out_dir")
+  parser.add_argument("--step", default="best", help="best (lowest val loss), latest, or a step number")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--text", help="a text file, folder or glob, tokenized with the model's tokenizer")
+  source.add_argument("--split", choices=["train", "val"], help="a split of the run's prepared data")
+  parser.add_argument("--data-dir", default=None, help="prepared data for --split (default: the run's data.dir)")
+  parser.add_argument("--stride", type=int, default=None, help="window stride (default: block_size // 2)")
+  parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+  args = parser.parse_args(argv)
+
+  cfg, tok, params, step = sample.load_params(args.checkpoint, args.step)
+  if args.text is not None:
+    tokens = np.asarray(tok.encode(data.read_text(args.text)), np.int32)
+    what = args.text
+  else:
+    data_dir = args.data_dir or cfg.data.dir
+    if data.load_meta(data_dir)["tokenizer"] != tok.to_meta():
+      raise UserError(f"{data_dir} was prepared with another tokenizer than the checkpoint's")
+    tokens = data.load_tokens(data_dir, args.split)
+    what = f"{data_dir} {args.split}"
+  stride = args.stride or cfg.model.block_size // 2
+  result = perplexity(cfg.model, params, tokens, stride=stride, batch_size=args.batch_size)
+  print(f"{what} (checkpoint step {step}, context {cfg.model.block_size}, stride {stride}): "
+        f"{result['tokens']:,} tokens, mean NLL {result['nll']:.4f} nats, perplexity {result['perplexity']:.3f}")

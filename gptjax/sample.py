@@ -1,0 +1,163 @@
+"""Sampling: autoregressive generation with a key/value cache.
+
+    gptjax sample --checkpoint out/shakespeare_char_cpu --prompt "ROMEO:" --num-samples 3
+    gptjax sample --checkpoint out/gpt2 --prompt "Hello" --temperature 0.8 --top-k 200 --top-p 0.95
+
+The prompt runs through the model once to fill the cache; each new token then costs one
+single-position forward pass. Generation runs inside one compiled `lax.while_loop` and stops when
+every sample has produced end-of-text. A model with learned positions sees at most `block_size`
+tokens: past that, generation restarts the cache from the last `block_size // 2` tokens.
+"""
+
+import argparse
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import checkpoint
+from gptjax import model as model_lib
+from gptjax import tokenizer as tokenizer_lib
+from gptjax.config import ModelConfig
+from gptjax.errors import UserError
+
+
+def sample_logits(logits, rng, *, temperature: float, top_k: int, top_p: float):
+  """logits: [B, V] -> token ids [B]. temperature 0 is greedy; top_k 0 and top_p 1 disable those."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1)
+  logits = logits / temperature
+  if top_k:
+    kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+  if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits)
+
+
+def empty_cache(cfg: ModelConfig, batch: int):
+  shapes = jax.eval_shape(
+      lambda: model_lib.GPT(cfg).init(jax.random.key(0), jnp.zeros((batch, 1), jnp.int32), decode=True))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["cache"]))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_new", "temperature", "top_k", "top_p", "eot_id"))
+def _generate_chunk(params, context, rng, *, cfg: ModelConfig, n_new: int, temperature: float,
+                    top_k: int, top_p: float, eot_id: int | None):
+  """context: [B, C] with C + n_new <= block_size -> (new tokens [B, n_new], count made, done [B])."""
+  model = model_lib.GPT(cfg)
+  batch = context.shape[0]
+
+  def forward(cache, tokens):  # tokens [B, T] continue the cached sequence
+    logits, variables = model.apply({"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"])
+    return logits[:, -1], variables["cache"]  # [B, V]
+
+  logits, cache = forward(empty_cache(cfg, batch), context)
+
+  def keep_going(carry):
+    i, _, _, _, done, _ = carry
+    return (i < n_new) & ~jnp.all(done)
+
+  def next_token(carry):
+    i, logits, cache, out, done, rng = carry
+    rng, key = jax.random.split(rng)
+    token = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p).astype(jnp.int32)
+    if eot_id is not None:
+      token = jnp.where(done, eot_id, token)
+      done = done | (token == eot_id)
+    out = out.at[:, i].set(token)
+    logits, cache = forward(cache, token[:, None])
+    return i + 1, logits, cache, out, done, rng
+
+  init = (jnp.int32(0), logits, cache, jnp.zeros((batch, n_new), jnp.int32), jnp.zeros(batch, bool), rng)
+  count, _, _, out, done, _ = jax.lax.while_loop(keep_going, next_token, init)
+  return out, count, done
+
+
+def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: int, rng: jax.Array,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eot_id: int | None = None) -> np.ndarray:
+  """prompt: int [B, P] -> generated tokens [B, <= max_new_tokens] (end-of-text stops a sample)."""
+  sequences = np.asarray(prompt, np.int32)[:, -(cfg.block_size - 1):]
+  produced = []
+  remaining = max_new_tokens
+  done = np.zeros(len(sequences), bool)
+  while remaining > 0 and not done.all():
+    context = sequences if not produced else sequences[:, -(cfg.block_size // 2):]
+    n_new = min(remaining, cfg.block_size - context.shape[1])
+    rng, key = jax.random.split(rng)
+    out, count, done = jax.device_get(_generate_chunk(
+        params, context, key, cfg=cfg, n_new=n_new, temperature=temperature, top_k=top_k,
+        top_p=top_p, eot_id=eot_id))
+    produced.append(out[:, :count])
+    sequences = np.concatenate([sequences, out[:, :count]], axis=1)
+    remaining -= n_new
+  return np.concatenate(produced, axis=1) if produced else np.zeros((len(sequences), 0), np.int32)
+
+
+def check_sampling_args(vocab_size: int, *, temperature: float, top_k: int, top_p: float,
+                        num_samples: int, max_new_tokens: int) -> None:
+  if temperature < 0:
+    raise UserError(f"temperature={temperature} is negative; use 0 for greedy decoding")
+  if not 0 <= top_k <= vocab_size:
+    raise UserError(f"top_k={top_k} is not in [0, {vocab_size}] (the vocabulary size; 0 disables it)")
+  if not 0 < top_p <= 1:
+    raise UserError(f"top_p={top_p} is not in (0, 1]")
+  if num_samples < 1 or max_new_tokens < 0:
+    raise UserError("num_samples must be positive and max_new_tokens non-negative")
+
+
+def load_params(out_dir: str, which: str = "best"):
+  """(config, tokenizer, params, step) of a run's checkpoint, params on the default device."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def abstract_params(cfg):
+    boxed = jax.eval_shape(lambda rng: model_lib.init_params(cfg.model, rng), jax.random.key(0))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), nn.meta.unbox(boxed))
+
+  cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(out_dir, which, abstract_params)
+  return cfg, tokenizer_lib.from_meta(tokenizer_meta), params, step
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="gptjax sample", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True, help="a run's out_dir")
+  parser.add_argument("--step", default="best", help="best (lowest val loss), latest, or a step number")
+  parser.add_argument("--prompt", default="\n", help="text to continue ('' starts from end-of-text)")
+  parser.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
+  parser.add_argument("--num-samples", type=int, default=3)
+  parser.add_argument("--max-new-tokens", type=int, default=500)
+  parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+  parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
+  parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+  parser.add_argument("--seed", type=int, default=1337)
+  args = parser.parse_args(argv)
+
+  if args.prompt_file is not None:
+    try:
+      args.prompt = open(args.prompt_file, encoding="utf-8").read()
+    except OSError as e:
+      raise UserError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
+  cfg, tok, params, step = load_params(args.checkpoint, args.step)
+  check_sampling_args(cfg.model.vocab_size, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
+  prompt_ids = tok.encode(args.prompt) or ([tok.eot_id] if tok.eot_id is not None else [])
+  if not prompt_ids:
+    raise UserError("an empty prompt needs a tokenizer with end-of-text; give --prompt text")
+  prompt = np.tile(np.asarray(prompt_ids, np.int32), (args.num_samples, 1))
+  tokens = generate(cfg.model, params, prompt, max_new_tokens=args.max_new_tokens,
+                    rng=jax.random.key(args.seed), temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, eot_id=tok.eot_id)
+  for row in tokens:
+    row = list(row)
+    if tok.eot_id in row:
+      row = row[:row.index(tok.eot_id)]
+    print(args.prompt + tok.decode(row))
+    print("---------------")
