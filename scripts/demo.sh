@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The default job on a bare machine: set up, prepare the built-in Shakespeare, train the CPU-sized
+# character model, sample from it and report its validation perplexity. Re-running continues.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+gptjax=.venv/bin/gptjax
+out=out/shakespeare_char_cpu
+[ -f data/shakespeare_char/meta.json ] || "$gptjax" prepare --input builtin:shakespeare --tokenizer char --out data/shakespeare_char
+resume=""
+[ -d "$out/checkpoints" ] && resume="--resume"
+"$gptjax" train shakespeare_char_cpu $resume
+"$gptjax" sample --checkpoint "$out" --prompt "ROMEO:" --num-samples 2 --max-new-tokens 300
+"$gptjax" perplexity --checkpoint "$out" --split val

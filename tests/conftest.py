@@ -1,0 +1,52 @@
+"""Test fixtures. The test process simulates 8 CPU devices so that sharding is tested for real;
+commands run as subprocesses see the machine's real devices."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from gptjax import config as config_lib  # noqa: E402
+from gptjax import data  # noqa: E402
+
+TINY_OVERRIDES = [
+    "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+    "train.batch_size=8", "train.max_iters=30", "train.eval_interval=15", "train.eval_iters=2",
+    "train.checkpoint_interval=15", "train.log_interval=5", "optim.warmup_iters=5", "optim.lr_decay_iters=100",
+]
+
+
+def tiny_config(tmp_path, *extra) -> config_lib.Config:
+  """A 2-layer, 32-wide model on prepared Shakespeare characters, writing under tmp_path."""
+  return config_lib.load_config("shakespeare_char_cpu", TINY_OVERRIDES + [
+      f"data.dir={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'out'}", *extra])
+
+
+def run_cli(*args, cwd=None):
+  """Runs `gptjax ARGS` as a user would; returns the CompletedProcess."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", "gptjax.cli", *map(str, args)], capture_output=True,
+                        text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+  """The built-in Shakespeare, prepared at character level."""
+  path = tmp_path_factory.mktemp("char_data")
+  data.prepare(data.BUILTIN_SHAKESPEARE, "char", str(path))
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, char_data):
+  """A tiny model trained for 30 steps through the command line: (out_dir, data_dir)."""
+  out = tmp_path_factory.mktemp("tiny_run") / "out"
+  result = run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}",
+                   f"train.out_dir={out}", "--no-progress")
+  assert result.returncode == 0, result.stderr
+  return out, char_data
