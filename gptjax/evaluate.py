@@ -3,10 +3,11 @@
     gptjax perplexity --checkpoint out/shakespeare_char_cpu --split val
     gptjax perplexity --checkpoint out/gpt2 --text milton.txt --stride 512
 
-The standard method for fixed-context models: windows of up to `block_size` tokens start every
-`stride` tokens; each window scores only the tokens that earlier windows did not, so every token
-after the first is scored once, with up to `block_size - stride` tokens of context before it.
-stride = block_size gives disjoint windows; a smaller stride gives more context and costs more.
+The standard method for fixed-context models (as in Hugging Face's perplexity guide): windows of up
+to `block_size` tokens start every `stride` tokens; each window scores only the tokens that earlier
+windows did not, each with at least `block_size - stride` tokens of context where the text has them.
+With stride < block_size every token after the first is scored once; stride = block_size gives
+disjoint windows, whose first tokens have no context and are not scored.
 """
 
 import argparse
@@ -28,10 +29,10 @@ from gptjax.errors import UserError
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
   """(begin, end, first_scored) per window: it reads tokens[begin:end] and scores positions
   [first_scored, end), each predicted from the tokens before it inside the window."""
-  windows, scored_until = [], 1  # token 0 has no context and is never scored
+  windows, scored_until = [], 0
   for begin in range(0, n_tokens - 1, stride):
     end = min(begin + context, n_tokens)
-    windows.append((begin, end, scored_until))
+    windows.append((begin, end, max(scored_until, begin + 1)))  # a window's first token has no context
     scored_until = end
     if end == n_tokens:
       break
