@@ -17,12 +17,14 @@ def _params(seed=0):
 
 
 def _greedy_by_full_forward(params, prompt, n_new):
-  """Reference: re-run the whole sequence for every new token, take the argmax."""
-  tokens = jnp.asarray(prompt)
-  for _ in range(n_new):
-    logits = model_lib.GPT(CFG).apply({"params": params}, tokens)
-    tokens = jnp.concatenate([tokens, jnp.argmax(logits[:, -1], -1)[:, None].astype(tokens.dtype)], axis=1)
-  return np.asarray(tokens[:, prompt.shape[1]:])
+  """Reference: re-run the whole sequence for every new token, take the argmax. The sequence is
+  padded to block_size (one compile); causality makes the padding invisible to earlier logits."""
+  forward = jax.jit(lambda tokens: model_lib.GPT(CFG).apply({"params": params}, tokens))
+  tokens = np.zeros((prompt.shape[0], CFG.block_size), np.int32)
+  tokens[:, :prompt.shape[1]] = prompt
+  for t in range(prompt.shape[1], prompt.shape[1] + n_new):
+    tokens[:, t] = np.argmax(forward(tokens)[:, t - 1], axis=-1)
+  return tokens[:, prompt.shape[1]:prompt.shape[1] + n_new]
 
 
 def test_greedy_with_kv_cache_equals_full_reforward():
