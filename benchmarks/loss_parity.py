@@ -1,7 +1,7 @@
 """Train one config twice, with gptjax and with PyTorch + transformers' GPT2LMHeadModel, on the same
 batches with the same optimizer settings, and print their losses side by side.
 
-    python benchmarks/loss_parity.py                       # shakespeare_char_cpu, 2000 steps
+    python benchmarks/loss_parity.py optim.learning_rate=1e-3 optim.min_lr=1e-4   # nanoGPT's rate
     python benchmarks/loss_parity.py train.max_iters=200   # any config override
 
 Needs `pip install torch==2.13.0 transformers` and prepared data (`gptjax prepare`). The reference

@@ -107,17 +107,6 @@ def flops_per_token(cfg: config_lib.ModelConfig, n_params: int) -> float:
   return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-class _Log:
-  """Prints on process 0 only, above the progress bar."""
-
-  def __init__(self, bar):
-    self.bar = bar
-
-  def __call__(self, message: str):
-    if jax.process_index() == 0:
-      tqdm.write(message) if self.bar is not None else print(message, flush=True)
-
-
 def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = True, devices=None) -> dict:
   """Trains as `cfg` says and returns the final {"step", "train_loss", "val_loss"}.
 
@@ -191,15 +180,24 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   peak = peak_flops_per_device(t) * jax.device_count()
   flops_per_step = flops_per_token(cfg.model, model_lib.count_params(abstract.params, exclude_positions=True)) * tokens_per_step
 
+  def evaluate_both(step) -> dict:
+    return {"step": step, "train_loss": estimate_loss(train_tokens, t.seed + 1),
+            "val_loss": estimate_loss(val_tokens, t.seed + 2)}
+
   start_step = int(state.step)
+  show_bar = progress_bar and jax.process_index() == 0
   bar = tqdm(total=t.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
-             disable=not progress_bar or jax.process_index() != 0 or None)
-  log = _Log(bar if not bar.disable else None)
+             disable=None if show_bar else True)  # None: only on a terminal
+
+  def log(message: str):
+    if jax.process_index() == 0:
+      tqdm.write(message)  # above the progress bar, if there is one
+
   log(f"gptjax: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, {jax.device_count()} "
       f"{jax.devices()[0].platform} devices, {tokens_per_step} tokens/step, "
       f"{'resuming at' if resume else 'starting at'} step {start_step} of {t.max_iters}")
 
-  result = {"step": start_step, "train_loss": float("nan"), "val_loss": float("nan")}
+  result = evaluate_both(start_step) if start_step >= t.max_iters else {}  # already done: report it
   last_time, last_step = time.perf_counter(), start_step
   for step in range(start_step, t.max_iters):
     inputs, targets = next(train_batches)
@@ -221,8 +219,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
 
     save_now = done % t.checkpoint_interval == 0 or done == t.max_iters
     if save_now or done % t.eval_interval == 0:
-      result = {"step": done, "train_loss": estimate_loss(train_tokens, t.seed + 1),
-                "val_loss": estimate_loss(val_tokens, t.seed + 2)}
+      result = evaluate_both(done)
       log(f"step {done}: train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")
       last_time = time.perf_counter()  # evaluation is not training throughput
     if save_now:

@@ -31,6 +31,9 @@ def test_resume_continues_exactly(tmp_path, char_data):
   resumed = train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=8"), resume=True,
                         progress_bar=False, devices=jax.devices()[:1])
   assert resumed == straight
+  finished = train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=8"), resume=True,
+                         progress_bar=False, devices=jax.devices()[:1])
+  assert finished == straight  # resuming a finished run trains nothing and reports its losses
   a, b = _final_params(tmp_path / "a" / "out"), _final_params(tmp_path / "b" / "out")
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
