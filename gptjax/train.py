@@ -221,7 +221,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     if save_now or done % t.eval_interval == 0:
       result = evaluate_both(done)
       log(f"step {done}: train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")
-      last_time = time.perf_counter()  # evaluation is not training throughput
+      last_time, last_step = time.perf_counter(), done  # evaluation is not training throughput
     if save_now:
       checkpoint.save(manager, done, params=state.params, opt_state=state.opt_state,
                       progress={"step": done, "data": train_batches.state()}, config=cfg,
