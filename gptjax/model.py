@@ -134,6 +134,11 @@ def init_params(cfg: ModelConfig, rng: jax.Array):
   return GPT(cfg).init({"params": rng}, jnp.zeros((1, cfg.block_size), jnp.int32))["params"]
 
 
+def abstract_params(cfg: ModelConfig):
+  """`init_params`' ShapeDtypeStructs, still boxed with their logical axis names; no memory used."""
+  return jax.eval_shape(lambda rng: init_params(cfg, rng), jax.random.key(0))
+
+
 def count_params(params, *, exclude_positions: bool = False) -> int:
   n = sum(p.size for p in jax.tree.leaves(params))
   return n - params["wpe"]["embedding"].size if exclude_positions else n

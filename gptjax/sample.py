@@ -118,8 +118,8 @@ def load_params(out_dir: str, which: str = "best"):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def abstract_params(cfg):
-    boxed = jax.eval_shape(lambda rng: model_lib.init_params(cfg.model, rng), jax.random.key(0))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), nn.meta.unbox(boxed))
+    shapes = nn.meta.unbox(model_lib.abstract_params(cfg.model))
+    return checkpoint.abstract_like(shapes, jax.tree.map(lambda _: device, shapes))
 
   cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(out_dir, which, abstract_params)
   return cfg, tokenizer_lib.from_meta(tokenizer_meta), params, step

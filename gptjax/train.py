@@ -83,7 +83,7 @@ def make_eval_step(model: model_lib.GPT):
 
 def state_shardings(cfg: config_lib.Config, tx, mesh):
   """Abstract TrainState (ShapeDtypeStructs with their shardings) from the logical-axis rules."""
-  boxed = jax.eval_shape(lambda rng: model_lib.init_params(cfg.model, rng), jax.random.key(0))
+  boxed = model_lib.abstract_params(cfg.model)
   param_shardings = sharding.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh)
   abstract_params = nn.meta.unbox(boxed)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)

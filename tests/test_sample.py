@@ -49,7 +49,6 @@ def test_top_k_one_is_greedy_and_seed_makes_samples_repeatable():
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 2000)
-  draw = jax.vmap(lambda k, **kw: sample.sample_logits(logits, k, **kw)[0], in_axes=(0,))
   top_k = jax.vmap(lambda k: sample.sample_logits(logits, k, temperature=1.0, top_k=2, top_p=1.0)[0])(keys)
   assert set(np.unique(top_k)) == {0, 1}
   top_p = jax.vmap(lambda k: sample.sample_logits(logits, k, temperature=1.0, top_k=0, top_p=0.9)[0])(keys)
@@ -57,7 +56,6 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
   free = jax.vmap(lambda k: sample.sample_logits(logits, k, temperature=1.0, top_k=0, top_p=1.0)[0])(keys)
   assert set(np.unique(free)) == {0, 1, 2, 3}
   assert abs(np.mean(np.asarray(free) == 0) - 0.5) < 0.05
-  del draw
 
 
 def test_generation_stops_at_end_of_text():
