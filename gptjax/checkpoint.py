@@ -3,7 +3,9 @@
 The latest `keep` checkpoints are kept for resuming, plus the one with the lowest validation
 loss. Parameters and optimizer state are separate items so that sampling and evaluation read only
 the parameters. Arrays restore onto whatever shardings the caller asks for, so a checkpoint saved
-on one mesh loads on another.
+on one mesh loads on another. A weights-only checkpoint (`save_weights`: step 0 with params, config
+and tokenizer, as `gptjax convert import` writes) can be sampled, evaluated and fine-tuned from, but
+not resumed.
 """
 
 import pathlib
@@ -45,6 +47,25 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, progre
       tokenizer=ocp.args.JsonSave(tokenizer)))
 
 
+def save_weights(out_dir: str, params, *, config: config_lib.Config, tokenizer: dict) -> None:
+  """Writes a weights-only checkpoint at step 0 of a new run directory."""
+  manager = open_manager(out_dir)
+  if manager.latest_step() is not None:
+    raise UserError(f"{out_dir} already holds checkpoints; choose a new directory")
+  manager.save(0, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      config=ocp.args.JsonSave(config_lib.to_dict(config)),
+      tokenizer=ocp.args.JsonSave(tokenizer)))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def has_train_state(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether `step` holds optimizer state and data position (not a weights-only checkpoint)."""
+  step_dir = pathlib.Path(manager.directory) / str(step)  # one folder per item inside
+  return (step_dir / "opt_state").is_dir() and (step_dir / "progress").is_dir()
+
+
 def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
   """(params, opt_state, progress) of `step`, placed as the abstract trees' shardings say."""
   restored = manager.restore(step, args=ocp.args.Composite(
@@ -59,8 +80,9 @@ def select_step(manager: ocp.CheckpointManager, out_dir: str, which: str) -> int
   steps = manager.all_steps()
   if not steps:
     raise UserError(f"no checkpoint in {out_dir}")
-  if which == "best":
-    return manager.best_step()
+  if which == "best":  # weights-only checkpoints have no validation loss: then the latest
+    best = manager.best_step()
+    return manager.latest_step() if best is None else best
   if which == "latest":
     return manager.latest_step()
   if not which.isdigit() or int(which) not in steps:
@@ -75,16 +97,29 @@ def read_config(manager: ocp.CheckpointManager, step: int) -> tuple[config_lib.C
   return config_lib.from_dict(restored.config), restored.tokenizer
 
 
-def load_for_inference(out_dir: str, which: str = "best", abstract_params_fn=None):
-  """(config, tokenizer meta, params, step) from a run directory, params on the default device.
-
-  `abstract_params_fn(config)` returns the parameters' ShapeDtypeStructs (with shardings).
-  """
+def _open_existing(out_dir: str) -> ocp.CheckpointManager:
   if not checkpoint_dir(out_dir).is_dir():
     raise UserError(f"no checkpoint in {out_dir}: expected {checkpoint_dir(out_dir)}")
-  manager = open_manager(out_dir, create=False)
+  return open_manager(out_dir, create=False)
+
+
+def read_run_config(out_dir: str, which: str = "best") -> tuple[config_lib.Config, dict, int]:
+  """(config, tokenizer meta, step) of the checkpoint `which` in a run directory."""
+  manager = _open_existing(out_dir)
   step = select_step(manager, out_dir, which)
   cfg, tokenizer = read_config(manager, step)
+  manager.close()
+  return cfg, tokenizer, step
+
+
+def load_for_inference(out_dir: str, which: str = "best", abstract_params_fn=None):
+  """(config, tokenizer meta, params, step) from a run directory.
+
+  `abstract_params_fn(config)` returns the parameters' ShapeDtypeStructs, whose shardings say
+  where the arrays go.
+  """
+  cfg, tokenizer, step = read_run_config(out_dir, which)
+  manager = _open_existing(out_dir)
   params = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params_fn(cfg)))).params
   manager.close()

@@ -1,4 +1,4 @@
-"""The `gptjax` command: gptjax {prepare,train,sample,perplexity} ...
+"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert} ...
 
 Bad input (a `UserError`) is printed as one line, `gptjax: error: ...`, with exit status 2.
 """
@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "gptjax.train",
     "sample": "gptjax.sample",
     "perplexity": "gptjax.evaluate",
+    "convert": "gptjax.convert",
 }
 
 

@@ -59,6 +59,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   out_dir: str = "out/run"
+  init_from: str = ""  # a checkpoint dir to fine-tune: its architecture and weights, a fresh optimizer
   batch_size: int = 12  # sequences per micro-batch, summed over all devices
   grad_accum_steps: int = 1  # micro-batches per optimizer step
   max_iters: int = 600000  # optimizer steps

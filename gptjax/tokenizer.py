@@ -17,6 +17,7 @@ from gptjax.errors import UserError
 _GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 _GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 GPT2_EOT_ID = 50256
+GPT2_ASSETS = importlib.resources.files("gptjax") / "assets" / "gpt2"  # encoder.json, vocab.bpe
 
 
 class CharTokenizer:
@@ -70,9 +71,8 @@ class GPT2Tokenizer:
 
 @functools.cache
 def _gpt2_encoding() -> tiktoken.Encoding:
-  assets = importlib.resources.files("gptjax") / "assets" / "gpt2"
   ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-      str(assets / "vocab.bpe"), str(assets / "encoder.json"),
+      str(GPT2_ASSETS / "vocab.bpe"), str(GPT2_ASSETS / "encoder.json"),
       vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256, encoder_json_hash=_GPT2_ENCODER_JSON_SHA256)
   return tiktoken.Encoding(
       "gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,

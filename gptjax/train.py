@@ -95,6 +95,17 @@ def state_shardings(cfg: config_lib.Config, tx, mesh):
   return abstract, shardings
 
 
+def _with_architecture(cfg: config_lib.Config, model: config_lib.ModelConfig) -> config_lib.Config:
+  """`cfg` with `model`'s architecture; dropout, dtype and remat stay `cfg`'s."""
+  m = cfg.model
+  return dataclasses.replace(cfg, model=dataclasses.replace(model, dropout=m.dropout, dtype=m.dtype, remat=m.remat))
+
+
+def _describe(tokenizer_meta: dict) -> str:
+  return f"{tokenizer_meta['kind']}, {len(tokenizer_meta['chars'])} characters" \
+      if tokenizer_meta["kind"] == "char" else tokenizer_meta["kind"]
+
+
 def peak_flops_per_device(cfg: config_lib.TrainConfig) -> float:
   if cfg.peak_flops_per_device > 0:
     return cfg.peak_flops_per_device
@@ -123,8 +134,19 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                     "to continue it, or set train.out_dir to a new directory")
   if resume and latest is None:
     raise UserError(f"--resume: no checkpoint in {t.out_dir}")
+  if resume and not checkpoint.has_train_state(manager, latest):
+    raise UserError(f"{t.out_dir} holds model weights only (no optimizer state), as an import does: "
+                    f"fine-tune from it with train.init_from={t.out_dir} and a new train.out_dir")
+  if t.init_from and not resume:
+    source_cfg, source_tokenizer, _ = checkpoint.read_run_config(t.init_from)
+    if source_tokenizer != meta["tokenizer"]:
+      raise UserError(f"{cfg.data.dir} was prepared with another tokenizer ({_describe(meta['tokenizer'])}) "
+                      f"than {t.init_from} uses ({_describe(source_tokenizer)})")
+    cfg = _with_architecture(cfg, source_cfg.model)
   if resume:
     saved_cfg, _ = checkpoint.read_config(manager, latest)
+    if t.init_from:  # a fine-tuning run's architecture is the one it started from
+      cfg = _with_architecture(cfg, saved_cfg.model)
     if saved_cfg.model != cfg.model:
       raise UserError(f"the model config differs from the checkpoint's in {t.out_dir}; "
                       f"saved: {saved_cfg.model}")
@@ -153,6 +175,11 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
         checkpoint.abstract_like(abstract.opt_state, shardings.opt_state))
     state = TrainState(jax.device_put(jnp.int32(progress["step"]), shardings.step), params, opt_state)
     train_batches.restore(progress["data"])
+  elif t.init_from:  # fine-tuning: the source's weights, a fresh optimizer, step 0
+    _, _, params, _ = checkpoint.load_for_inference(
+        t.init_from, "best", lambda _: checkpoint.abstract_like(abstract.params, shardings.params))
+    state = jax.jit(lambda params: TrainState(jnp.int32(0), params, tx.init(params)),
+                    out_shardings=shardings, donate_argnums=0)(params)
   else:
     def init(rng):
       params = nn.meta.unbox(model_lib.init_params(cfg.model, rng))
@@ -195,7 +222,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
 
   log(f"gptjax: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, {jax.device_count()} "
       f"{jax.devices()[0].platform} devices, {tokens_per_step} tokens/step, "
-      f"{'resuming at' if resume else 'starting at'} step {start_step} of {t.max_iters}")
+      f"{'resuming at' if resume else 'starting at'} step {start_step} of {t.max_iters}"
+      f"{f', fine-tuning {t.init_from}' if t.init_from else ''}")
 
   result = evaluate_both(start_step) if start_step >= t.max_iters else {}  # already done: report it
   last_time, last_step = time.perf_counter(), start_step

@@ -6,6 +6,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import hashlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -32,6 +33,22 @@ def run_cli(*args, cwd=None):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run([sys.executable, "-m", "gptjax.cli", *map(str, args)], capture_output=True,
                         text=True, cwd=cwd, env=env, timeout=600)
+
+
+def one_line_error(result, *fragments):
+  """Asserts that a finished command failed with exit 2 and one `gptjax: error:` line naming `fragments`."""
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("gptjax: error: "), result.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+  assert "Traceback" not in result.stderr
+
+
+def digest(directory):
+  """{relative path: sha256} of every file under `directory`: proof that nothing was touched."""
+  files = sorted(p for p in directory.rglob("*") if p.is_file())
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 @pytest.fixture(scope="session")

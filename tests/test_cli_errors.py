@@ -1,45 +1,29 @@
 """Bad input: a one-line error on stderr, exit status 2, and existing outputs left untouched."""
 
-import hashlib
-
 import pytest
 
-from conftest import TINY_OVERRIDES, run_cli
-
-
-def _one_line_error(result, *fragments):
-  assert result.returncode == 2, (result.stdout, result.stderr)
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("gptjax: error: "), result.stderr
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
-  assert "Traceback" not in result.stderr
-
-
-def _digest(directory):
-  files = sorted(p for p in directory.rglob("*") if p.is_file())
-  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+from conftest import TINY_OVERRIDES, digest, one_line_error, run_cli
 
 
 def test_missing_input_data(tmp_path):
-  _one_line_error(run_cli("prepare", "--input", tmp_path / "nope.txt", "--out", tmp_path / "d"), "no text found")
+  one_line_error(run_cli("prepare", "--input", tmp_path / "nope.txt", "--out", tmp_path / "d"), "no text found")
 
 
 def test_empty_input_data(tmp_path):
   (tmp_path / "empty.txt").write_text("  \n")
-  _one_line_error(run_cli("prepare", "--input", tmp_path / "empty.txt", "--out", tmp_path / "d"), "holds no text")
+  one_line_error(run_cli("prepare", "--input", tmp_path / "empty.txt", "--out", tmp_path / "d"), "holds no text")
   assert not (tmp_path / "d").exists()
 
 
 def test_training_without_prepared_data(tmp_path):
-  _one_line_error(run_cli("train", "shakespeare_char_cpu", f"data.dir={tmp_path / 'none'}",
+  one_line_error(run_cli("train", "shakespeare_char_cpu", f"data.dir={tmp_path / 'none'}",
                           f"train.out_dir={tmp_path / 'out'}"), "no prepared data", "gptjax prepare")
 
 
 def test_text_shorter_than_one_block(tmp_path):
   (tmp_path / "short.txt").write_text("To be, or not to be, that is the question. " * 3)
   assert run_cli("prepare", "--input", tmp_path / "short.txt", "--out", tmp_path / "d").returncode == 0
-  _one_line_error(run_cli("train", "shakespeare_char_cpu", f"data.dir={tmp_path / 'd'}",
+  one_line_error(run_cli("train", "shakespeare_char_cpu", f"data.dir={tmp_path / 'd'}",
                           f"train.out_dir={tmp_path / 'out'}"), "fewer than one block")
 
 
@@ -51,24 +35,24 @@ def test_text_shorter_than_one_block(tmp_path):
     ("model.n_head=5", "not divisible by model.n_head=5"),
 ])
 def test_bad_config_key_or_value(tmp_path, override, message):
-  _one_line_error(run_cli("train", "shakespeare_char_cpu", override), message)
+  one_line_error(run_cli("train", "shakespeare_char_cpu", override), message)
 
 
 def test_unknown_config_name():
-  _one_line_error(run_cli("train", "shakespeare_xl"), "unknown config 'shakespeare_xl'", "shakespeare_char_cpu")
+  one_line_error(run_cli("train", "shakespeare_xl"), "unknown config 'shakespeare_xl'", "shakespeare_char_cpu")
 
 
 def test_bad_command_line_flag():
-  _one_line_error(run_cli("sample", "--checkpoint", "x", "--temprature", "1"), "unrecognized arguments")
+  one_line_error(run_cli("sample", "--checkpoint", "x", "--temprature", "1"), "unrecognized arguments")
 
 
 def test_missing_checkpoint(tmp_path):
-  _one_line_error(run_cli("sample", "--checkpoint", tmp_path / "nothing"), "no checkpoint in")
-  _one_line_error(run_cli("perplexity", "--checkpoint", tmp_path / "nothing", "--split", "val"), "no checkpoint in")
+  one_line_error(run_cli("sample", "--checkpoint", tmp_path / "nothing"), "no checkpoint in")
+  one_line_error(run_cli("perplexity", "--checkpoint", tmp_path / "nothing", "--split", "val"), "no checkpoint in")
 
 
 def test_resume_without_checkpoint(tmp_path, char_data):
-  _one_line_error(run_cli("train", "shakespeare_char_cpu", f"data.dir={char_data}",
+  one_line_error(run_cli("train", "shakespeare_char_cpu", f"data.dir={char_data}",
                           f"train.out_dir={tmp_path / 'out'}", "--resume"), "--resume: no checkpoint")
 
 
@@ -81,16 +65,16 @@ def test_resume_without_checkpoint(tmp_path, char_data):
 ])
 def test_bad_sampling_arguments(tiny_run, flags, message):
   out_dir, _ = tiny_run
-  before = _digest(out_dir)
-  _one_line_error(run_cli("sample", "--checkpoint", out_dir, "--max-new-tokens", 5, *flags), message)
-  assert _digest(out_dir) == before
+  before = digest(out_dir)
+  one_line_error(run_cli("sample", "--checkpoint", out_dir, "--max-new-tokens", 5, *flags), message)
+  assert digest(out_dir) == before
 
 
 def test_training_never_overwrites_an_existing_run(tiny_run):
   out_dir, data_dir = tiny_run
-  before = _digest(out_dir)
-  _one_line_error(run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={data_dir}",
+  before = digest(out_dir)
+  one_line_error(run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={data_dir}",
                           f"train.out_dir={out_dir}"), "already holds checkpoints", "--resume")
-  _one_line_error(run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, "model.n_layer=3",
+  one_line_error(run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, "model.n_layer=3",
                           f"data.dir={data_dir}", f"train.out_dir={out_dir}", "--resume"), "model config differs")
-  assert _digest(out_dir) == before
+  assert digest(out_dir) == before

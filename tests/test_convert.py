@@ -1,0 +1,298 @@
+"""GPT-2 interop, checked against transformers' GPT2LMHeadModel (torch, CPU) as the reference.
+
+No network: the reference models are random-weight GPT2LMHeadModels saved with `save_pretrained`.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from gptjax import checkpoint
+from gptjax import cli
+from gptjax import config as config_lib
+from gptjax import convert
+from gptjax import data
+from gptjax import evaluate
+from gptjax import model as model_lib
+from gptjax import sample
+from gptjax import tokenizer as tokenizer_lib
+from gptjax import train
+
+from conftest import digest, one_line_error, run_cli
+
+PROMPT = "It is a truth universally acknowledged, that a single man"
+
+
+def _hf_model(path, seed=0, **config):
+  """A random GPT2LMHeadModel saved (safetensors) under `path`; returns the model in eval mode."""
+  torch.manual_seed(seed)
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+  model.save_pretrained(path)
+  return model
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def _gptjax_logits(cfg, params, tokens):
+  return np.asarray(model_lib.GPT(cfg.model).apply({"params": params}, np.asarray(tokens, np.int32)))
+
+
+def _convert(capsys, *args):
+  """`gptjax convert ARGS` in this process (as the command runs it), as a CompletedProcess."""
+  try:
+    cli.main(["convert", *map(str, args)])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  out = capsys.readouterr()
+  return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+  """(HF model, HF dir, imported gptjax dir): 2 layers, 4 heads, 64 wide, context 64, GPT-2's vocabulary.
+  The larger initializer_range makes the random model's next-token choices clear-cut."""
+  root = tmp_path_factory.mktemp("small")
+  model = _hf_model(root / "hf", n_positions=64, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2)
+  result = run_cli("convert", "import", root / "hf", root / "gptjax")
+  assert result.returncode == 0, result.stderr
+  assert "2 layers, 4 heads, 64 wide, context 64, vocabulary 50257" in result.stdout
+  return model, root / "hf", root / "gptjax"
+
+
+def test_logits_equal_transformers_small(small):
+  model, _, imported = small
+  cfg, tok, params, step = sample.load_params(imported)
+  assert step == 0 and tok.to_meta() == {"kind": "gpt2"}
+  tokens = np.random.default_rng(0).integers(0, 50257, size=(3, 64))  # the full context
+  diff = np.abs(_gptjax_logits(cfg, params, tokens) - _hf_logits(model, tokens)).max()
+  assert diff <= 1e-4, diff
+
+
+def test_logits_equal_transformers_gpt2_124m_shape(tmp_path):
+  model = _hf_model(tmp_path / "hf")  # GPT2Config's defaults: GPT-2 small, 124M parameters
+  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "gptjax"))
+  cfg, _, params, _ = sample.load_params(tmp_path / "gptjax")
+  assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
+  assert model_lib.count_params(params) == sum(p.numel() for p in model.parameters()) == 124_439_808
+  tokens = np.asarray([tokenizer_lib.GPT2Tokenizer().encode(PROMPT * 8)])
+  diff = np.abs(_gptjax_logits(cfg, params, tokens) - _hf_logits(model, tokens)).max()
+  assert diff <= 1e-4, diff
+
+
+def test_greedy_generation_equals_transformers_generate(small):
+  model, _, imported = small
+  cfg, tok, params, _ = sample.load_params(imported)
+  prompt = np.asarray([tok.encode(PROMPT)])
+  with torch.no_grad():
+    expected = model.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=50,
+                              pad_token_id=tok.eot_id)[0, prompt.shape[1]:].numpy()
+  ours = sample.generate(cfg.model, params, prompt, max_new_tokens=50, rng=jax.random.key(0), temperature=0)
+  assert ours[0].tolist() == expected.tolist()
+
+  # The sample command on the imported checkpoint prints the same continuation (up to end-of-text).
+  result = run_cli("sample", "--checkpoint", imported, "--prompt", PROMPT, "--temperature", "0",
+                   "--num-samples", "1", "--max-new-tokens", "50")
+  assert result.returncode == 0, result.stderr
+  expected = expected.tolist()
+  expected = expected[:expected.index(tok.eot_id)] if tok.eot_id in expected else expected
+  assert result.stdout.split("\n---------------")[0] == PROMPT + tok.decode(expected)
+
+
+def _transformers_sliding_window_nll(model, tokens, context, stride):
+  """Hugging Face's perplexity recipe: windows every `stride` tokens, earlier tokens masked with -100."""
+  nll_sum, count, prev_end = 0.0, 0, 0
+  for begin in range(0, len(tokens), stride):
+    end = min(begin + context, len(tokens))
+    inputs = torch.tensor(tokens[None, begin:end], dtype=torch.long)
+    labels = inputs.clone()
+    labels[:, :-(end - prev_end)] = -100
+    n_scored = int((labels[:, 1:] != -100).sum())  # the model shifts labels by one internally
+    with torch.no_grad():
+      nll_sum += float(model(inputs, labels=labels).loss) * n_scored
+    count += n_scored
+    prev_end = end
+    if end == len(tokens):
+      break
+  return nll_sum / count, count
+
+
+def test_perplexity_equals_transformers_sliding_window(small, tmp_path):
+  model, _, imported = small
+  cfg, tok, params, _ = sample.load_params(imported)
+  text = data.read_text(data.BUILTIN_SHAKESPEARE)[:3000]
+  tokens = np.asarray(tok.encode(text))
+  expected_nll, expected_count = _transformers_sliding_window_nll(model, tokens, 64, 24)
+  ours = evaluate.perplexity(cfg.model, params, tokens, stride=24)
+  assert ours["tokens"] == expected_count == len(tokens) - 1
+  assert ours["nll"] == pytest.approx(expected_nll, rel=1e-4)
+
+  # The perplexity command reads the imported checkpoint as it reads a trained one.
+  (tmp_path / "text.txt").write_text(text)
+  result = run_cli("perplexity", "--checkpoint", imported, "--text", tmp_path / "text.txt", "--stride", "24")
+  assert result.returncode == 0, result.stderr
+  assert f"mean NLL {expected_nll:.4f} nats" in result.stdout, result.stdout
+
+
+def _params_equal(a, b):
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_export_of_a_trained_run_loads_in_transformers_and_round_trips(tiny_run, tmp_path, capsys):
+  out_dir, _ = tiny_run  # character-level: the tokenizer travels in config.json
+  result = _convert(capsys, "export", out_dir, tmp_path / "hf")
+  assert result.returncode == 0, result.stderr
+  cfg, tok, params, _ = sample.load_params(out_dir)
+  exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+  tokens = np.asarray([tok.encode("ROMEO:\nWhat light through yonder")])
+  assert np.abs(_gptjax_logits(cfg, params, tokens) - _hf_logits(exported, tokens)).max() <= 1e-4
+
+  assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "again").returncode == 0
+  cfg_again, tok_again, params_again, _ = sample.load_params(tmp_path / "again")
+  assert _params_equal(params_again, params)
+  assert tok_again.to_meta() == tok.to_meta() and cfg_again.model == cfg.model
+
+
+def test_export_of_an_import_round_trips_with_gpt2_tokenizer_files(small, tmp_path, capsys):
+  model, _, imported = small
+  assert _convert(capsys, "export", imported, tmp_path / "hf").returncode == 0
+  exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+  for name, tensor in model.state_dict().items():
+    assert torch.equal(exported.state_dict()[name], tensor), name
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  assert hf_tokenizer(PROMPT)["input_ids"] == tokenizer_lib.GPT2Tokenizer().encode(PROMPT)
+
+  assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "again").returncode == 0
+  assert _params_equal(sample.load_params(tmp_path / "again")[2], sample.load_params(imported)[2])
+
+
+def test_pytorch_model_bin_imports_like_safetensors(small, tmp_path, capsys):
+  model, _, imported = small
+  (tmp_path / "hf").mkdir()
+  torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")  # includes the tied lm_head
+  model.config.to_json_file(tmp_path / "hf" / "config.json")
+  assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "gptjax").returncode == 0
+  assert _params_equal(sample.load_params(tmp_path / "gptjax")[2], sample.load_params(imported)[2])
+
+
+def test_gpt2_tokenizer_ids_equal_hugging_face(tmp_path):
+  # Hugging Face's GPT-2 tokenizer files are OpenAI's, renamed: encoder.json -> vocab.json, vocab.bpe -> merges.txt.
+  (tmp_path / "vocab.json").write_bytes((tokenizer_lib.GPT2_ASSETS / "encoder.json").read_bytes())
+  (tmp_path / "merges.txt").write_bytes((tokenizer_lib.GPT2_ASSETS / "vocab.bpe").read_bytes())
+  hf_tokenizer = transformers.GPT2TokenizerFast.from_pretrained(tmp_path)
+  ours = tokenizer_lib.GPT2Tokenizer()
+  texts = [
+      data.read_text(data.BUILTIN_SHAKESPEARE)[:20000],
+      "Hello world!  It's 2026... naïve café, Ünïcödé, 日本語, emoji 🤖🎉, don't I'm we'll they've",
+      "  leading spaces\n\n\ttabs\r\nwindows lines   trailing  ",
+      "numbers 3.14159 1,000,000 0x1F $42 -7 +8 100%",
+      "def f(x):\n    return {'a': [x ** 2 for _ in range(3)]}  # code\n",
+  ]
+  for text in texts:
+    assert ours.encode(text) == hf_tokenizer(text)["input_ids"], text[:40]
+    assert ours.decode(ours.encode(text)) == text
+
+
+def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
+  _, _, imported = small
+  data.prepare(data.BUILTIN_SHAKESPEARE, "gpt2", str(tmp_path / "data"))
+
+  def config(out_name, *extra):  # the shipped recipe, shortened, with a learning rate for a random model
+    return config_lib.load_config("finetune_shakespeare", [
+        f"data.dir={tmp_path / 'data'}", f"train.init_from={imported}", f"train.out_dir={tmp_path / out_name}",
+        "model.dropout=0.1", "train.grad_accum_steps=1", "train.max_iters=10", "train.eval_iters=2",
+        "train.checkpoint_interval=5", "train.log_interval=5", "optim.learning_rate=2e-3", "optim.min_lr=2e-4",
+        *extra])
+
+  # Zero steps: the loss is the imported model's own, evaluated on the same batches.
+  before = train.train(config("zero", "train.max_iters=0"), progress_bar=False)
+  cfg, _, params, _ = sample.load_params(imported)
+  batches = data.TokenBatches(data.load_tokens(tmp_path / "data", "val"), batch_size=8,
+                              block_size=cfg.model.block_size, seed=1337 + 2)
+  expected = np.mean([train.cross_entropy(_gptjax_logits(cfg, params, x[0]), y[0]) for x, y in
+                      (batches.batch(i) for i in range(2))])
+  assert before["step"] == 0 and before["val_loss"] == pytest.approx(expected, rel=1e-5)
+
+  after = train.train(config("tuned"), progress_bar=False)
+  assert after["step"] == 10 and after["val_loss"] < before["val_loss"] - 1.0
+  tuned_cfg, _, _ = checkpoint.read_run_config(str(tmp_path / "tuned"), "latest")
+  assert tuned_cfg.model == dataclasses.replace(cfg.model, dropout=0.1)  # the source's, not the config's GPT-2 124M
+  assert train.train(config("tuned", "train.max_iters=12"), resume=True, progress_bar=False)["step"] == 12
+
+
+# Bad input: one line, exit status 2, nothing written or changed.
+
+def _edit_config(src, dst, **changes):
+  dst.mkdir()
+  for f in src.iterdir():
+    (dst / f.name).write_bytes(f.read_bytes())
+  config = json.loads((src / "config.json").read_text())
+  (dst / "config.json").write_text(json.dumps({**config, **changes}))
+  return dst
+
+
+def test_import_errors(small, tmp_path, capsys):
+  _, hf_dir, _ = small
+  truncated = _edit_config(hf_dir, tmp_path / "truncated")
+  weights = (truncated / "model.safetensors").read_bytes()
+  (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+  wrong_vocab = _edit_config(hf_dir, tmp_path / "vocab")
+  vocab = json.loads((tokenizer_lib.GPT2_ASSETS / "encoder.json").read_text())
+  vocab["hello"], vocab["world"] = vocab["world"], vocab["hello"]
+  (wrong_vocab / "vocab.json").write_text(json.dumps(vocab))
+  (tmp_path / "empty").mkdir()
+  cases = [
+      (tmp_path / "missing", "is not a directory"),
+      (tmp_path / "empty", "config.json does not exist"),
+      (_edit_config(hf_dir, tmp_path / "layers", n_layer=3), "missing tensor h.2."),
+      (_edit_config(hf_dir, tmp_path / "width", n_embd=128), "h.0.attn.c_attn.bias has shape (192,) but config.json implies (384,)"),
+      (truncated, "truncated or not safetensors"),
+      (_edit_config(hf_dir, tmp_path / "llama", model_type="llama", architectures=["LlamaForCausalLM"]),
+       "a 'llama' model (LlamaForCausalLM), not GPT-2"),
+      (_edit_config(hf_dir, tmp_path / "classifier", architectures=["GPT2ForSequenceClassification"]), "not GPT-2"),
+      (_edit_config(hf_dir, tmp_path / "gelu", activation_function="relu"), "activation_function='relu'"),
+      (_edit_config(hf_dir, tmp_path / "vocab_size", vocab_size=50304), "vocab_size=50304 disagrees with the gpt2 tokenizer's 50257"),
+      (wrong_vocab, "is not GPT-2's vocabulary"),
+  ]
+  for source, message in cases:
+    one_line_error(_convert(capsys, "import", source, tmp_path / "out"), message)
+    assert not (tmp_path / "out").exists(), source
+
+
+def test_import_needs_torch_only_for_pytorch_pickles(small, tmp_path):
+  model, _, _ = small
+  (tmp_path / "hf").mkdir()
+  torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+  model.config.to_json_file(tmp_path / "hf" / "config.json")
+  without_torch = "import sys; sys.modules['torch'] = None; from gptjax import cli; cli.main()"
+  result = subprocess.run([sys.executable, "-c", without_torch, "convert", "import", tmp_path / "hf",
+                           tmp_path / "out"], capture_output=True, text=True, timeout=300)
+  one_line_error(result, "pytorch_model.bin is a PyTorch pickle, which needs torch")
+
+
+def test_convert_never_overwrites(small, tmp_path, capsys):
+  _, hf_dir, imported = small
+  before = digest(imported)
+  one_line_error(_convert(capsys, "import", hf_dir, imported), "already holds checkpoints")
+  (tmp_path / "taken").mkdir()
+  (tmp_path / "taken" / "notes.txt").write_text("mine")
+  one_line_error(_convert(capsys, "export", imported, tmp_path / "taken"), "already exists and is not empty")
+  assert digest(imported) == before and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+  assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no staging directory left behind
+
+
+def test_imported_checkpoint_cannot_be_resumed(small, char_data):
+  _, _, imported = small
+  result = run_cli("train", "shakespeare_char_cpu", f"data.dir={char_data}", f"train.out_dir={imported}", "--resume")
+  one_line_error(result, "holds model weights only", f"train.init_from={imported}")
