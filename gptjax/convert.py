@@ -34,6 +34,7 @@ from flax import traverse_util
 from gptjax import checkpoint
 from gptjax import config as config_lib
 from gptjax import model as model_lib
+from gptjax import sample
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
@@ -230,13 +231,8 @@ def export_hf(run_dir: str, hf_dir: str, which: str = "best") -> int:
   out = pathlib.Path(hf_dir)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise UserError(f"{hf_dir} already exists and is not empty; choose a new directory")
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-
-  def abstract_params(cfg):
-    shapes = nn.meta.unbox(model_lib.abstract_params(cfg.model))
-    return checkpoint.abstract_like(shapes, jax.tree.map(lambda _: cpu, shapes))
-
-  cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(run_dir, which, abstract_params)
+  cfg, tok, params, step = sample.load_params(run_dir, which)
+  tokenizer_meta = tok.to_meta()
   config = hf_config(cfg.model, tokenizer_meta)
   tensors = params_to_hf(params, cfg.model)
   # Write beside the target, then rename: a failure never leaves a half-written model behind.

@@ -177,11 +177,16 @@ def test_export_of_an_import_round_trips_with_gpt2_tokenizer_files(small, tmp_pa
   assert _params_equal(sample.load_params(tmp_path / "again")[2], sample.load_params(imported)[2])
 
 
-def test_pytorch_model_bin_imports_like_safetensors(small, tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["sharded safetensors", "pytorch_model.bin"])
+def test_other_weight_files_import_like_model_safetensors(small, tmp_path, capsys, layout):
   model, _, imported = small
-  (tmp_path / "hf").mkdir()
-  torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")  # includes the tied lm_head
-  model.config.to_json_file(tmp_path / "hf" / "config.json")
+  if layout == "sharded safetensors":
+    model.save_pretrained(tmp_path / "hf", max_shard_size="2MB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+  else:
+    (tmp_path / "hf").mkdir()
+    torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")  # includes the tied lm_head
+    model.config.to_json_file(tmp_path / "hf" / "config.json")
   assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "gptjax").returncode == 0
   assert _params_equal(sample.load_params(tmp_path / "gptjax")[2], sample.load_params(imported)[2])
 
