@@ -76,14 +76,14 @@ def main(overrides):
   with tempfile.TemporaryDirectory() as out_dir:
     cfg_jax = config_lib.load_config("shakespeare_char_cpu", [*overrides, f"train.out_dir={out_dir}"])
     start = time.perf_counter()
-    ours = train.train(cfg_jax, progress_bar=False)
+    ours, _ = train.train(cfg_jax, progress_bar=False)
     rows.append(("gptjax (JAX/Flax)", ours, time.perf_counter() - start))
   start = time.perf_counter()
   rows.append(("transformers GPT2LMHeadModel (PyTorch)", torch_reference(cfg, vocab_size), time.perf_counter() - start))
 
   print(f"\n{cfg.train.max_iters} steps of shakespeare_char_cpu {' '.join(overrides)}; losses: mean of "
         f"{cfg.train.eval_iters} batches")
-  print(f"| implementation | train loss | val loss | wall time (s) |\n|---|---|---|---|")
+  print("| implementation | train loss | val loss | wall time (s) |\n|---|---|---|---|")
   for name, result, seconds in rows:
     print(f"| {name} | {result['train_loss']:.4f} | {result['val_loss']:.4f} | {seconds:.0f} |")
 

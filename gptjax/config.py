@@ -57,6 +57,17 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """Multi-process runs through jax.distributed. Left unset, JAX detects the values on SLURM,
+  Open MPI, Cloud TPU and GKE (and reads JAX_COORDINATOR_ADDRESS)."""
+
+  initialize: bool = False  # join a multi-process run (implied by coordinator_address or num_processes)
+  coordinator_address: str = ""  # host:port of process 0
+  num_processes: int = 0  # 0: detected
+  process_id: int = -1  # -1: detected
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   out_dir: str = "out/run"
   init_from: str = ""  # a checkpoint dir to fine-tune: its architecture and weights, a fresh optimizer
@@ -78,6 +89,7 @@ class Config:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
@@ -127,7 +139,7 @@ def load_config(name: str | None = None, overrides: list[str] = ()) -> Config:
 
 def validate(cfg: Config) -> Config:
   """Checks that types alone cannot express."""
-  m, t, o = cfg.model, cfg.train, cfg.optim
+  m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.distributed
   checks = [
       (m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}"),
       (min(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) > 0, "model sizes must be positive"),
@@ -144,6 +156,9 @@ def validate(cfg: Config) -> Config:
        "optim.lr_decay_iters must be larger than optim.warmup_iters >= 0"),
       (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and weight_decay must be >= 0"),
       (all(s == -1 or s > 0 for s in dataclasses.astuple(cfg.mesh)), "mesh axis sizes must be positive or -1"),
+      (d.num_processes >= 0, f"distributed.num_processes={d.num_processes} is negative (0 means detected)"),
+      (d.num_processes == 0 or d.process_id < d.num_processes,
+       f"distributed.process_id={d.process_id} is not below distributed.num_processes={d.num_processes}"),
   ]
   for ok, message in checks:
     if not ok:

@@ -5,8 +5,9 @@ ln_f), so a GPT-2 checkpoint maps onto this model 1:1. The attention projections
 axis separate (c_attn kernel [embd, 3, heads, head_dim]) so that tensor parallelism can split
 heads; that is a reshape of GPT-2's [embd, 3 * embd] matrix.
 
-Every parameter carries logical axis names (vocab, embed, heads, kv, mlp); `gptjax.sharding` maps
-them onto the device mesh.
+Every parameter carries logical axis names (vocab, embed, heads, kv, mlp), and the main activations
+are constrained by name too (batch, sequence, ...); `gptjax.sharding` maps the names onto the device
+mesh. The activation constraints apply only when a step is traced under `jax.set_mesh`.
 
 With `decode=True` the model reads and extends a key/value cache (collection "cache") and takes
 only the new tokens, which is how `gptjax.sample` generates without re-running the context.
@@ -18,7 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax import sharding
 from gptjax.config import ModelConfig
+
+
+ACTIVATION_AXES = ("batch", "sequence", "embed")  # the residual stream [B, T, embd]
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -49,6 +54,7 @@ class CausalSelfAttention(nn.Module):
         (3, cfg.n_head, head_dim), use_bias=cfg.bias, dtype=compute_dtype(cfg), name="c_attn",
         kernel_init=_init(0.02, ("embed", None, "heads", "kv")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")))(x)
+    qkv = sharding.constrain(qkv, ("batch", "sequence", None, "heads", "kv"))  # [B, T, 3, heads, head_dim]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, heads, head_dim] each
 
     if decode:
@@ -83,6 +89,7 @@ class MLP(nn.Module):
     h = nn.Dense(4 * cfg.n_embd, use_bias=cfg.bias, dtype=compute_dtype(cfg), name="c_fc",
                  kernel_init=_init(0.02, ("embed", "mlp")),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)  # [B, T, 4 * embd]
+    h = sharding.constrain(h, ("batch", "sequence", "mlp"))
     h = nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
     h = nn.Dense(cfg.n_embd, use_bias=cfg.bias, dtype=compute_dtype(cfg), name="c_proj",
                  kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layer), ("mlp", "embed")),
@@ -97,7 +104,8 @@ class Block(nn.Module):
   def __call__(self, x, start, deterministic: bool, decode: bool):  # positional: nn.remat's static_argnums
     x = x + CausalSelfAttention(self.cfg, name="attn")(
         _layer_norm(self.cfg, "ln_1")(x), start, deterministic=deterministic, decode=decode)
-    return x + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x), deterministic=deterministic)
+    x = x + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x), deterministic=deterministic)
+    return sharding.constrain(x, ACTIVATION_AXES)
 
 
 class GPT(nn.Module):
@@ -119,14 +127,18 @@ class GPT(nn.Module):
                    embedding_init=_init(0.02, ("vocab", "embed")))
     wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=compute_dtype(cfg), name="wpe",
                    embedding_init=_init(0.02, (None, "embed")))
-    x = wte(tokens) + wpe(start + jnp.arange(length))[None]  # [B, T, embd]
+    table = sharding.constrain(wte.embedding, ("vocab", None))  # gathered over fsdp for the lookup
+    x = jnp.take(table, tokens, axis=0).astype(compute_dtype(cfg))  # [B, T, embd]
+    x = x + wpe(start + jnp.arange(length))[None]
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = sharding.constrain(x, ACTIVATION_AXES)
 
     block = nn.remat(Block, static_argnums=(3, 4)) if cfg.remat else Block
     for i in range(cfg.n_layer):
       x = block(cfg, name=f"h_{i}")(x, start, deterministic, decode)
     x = _layer_norm(cfg, "ln_f")(x)
-    return wte.attend(x).astype(jnp.float32)  # [B, T, vocab], head tied to the token embedding
+    logits = wte.attend(x).astype(jnp.float32)  # [B, T, vocab], head tied to the token embedding
+    return sharding.constrain(logits, ("batch", "sequence", "vocab"))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array):

@@ -84,7 +84,7 @@ def make_eval_step(model: model_lib.GPT):
 def state_shardings(cfg: config_lib.Config, tx, mesh):
   """Abstract TrainState (ShapeDtypeStructs with their shardings) from the logical-axis rules."""
   boxed = model_lib.abstract_params(cfg.model)
-  param_shardings = sharding.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh)
+  param_shardings = sharding.param_shardings(boxed, mesh)
   abstract_params = nn.meta.unbox(boxed)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = optax.tree_map_params(
@@ -106,6 +106,20 @@ def _describe(tokenizer_meta: dict) -> str:
       if tokenizer_meta["kind"] == "char" else tokenizer_meta["kind"]
 
 
+def memory_report(abstract: TrainState, shardings: TrainState, compiled_step) -> str:
+  """Bytes per device: parameters and optimizer state from their shardings; gradients and
+  activations from XLA's buffer assignment for the compiled step (its temporaries)."""
+  params = sharding.bytes_per_device(abstract.params, shardings.params)
+  opt_state = sharding.bytes_per_device(abstract.opt_state, shardings.opt_state)
+  analysis = compiled_step.memory_analysis()
+  temporaries = analysis.temp_size_in_bytes if analysis is not None else 0
+  limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  total = params + opt_state + temporaries
+  return (f"memory per device: parameters {params / 2**20:,.1f} MiB, optimizer state {opt_state / 2**20:,.1f} MiB, "
+          f"gradients and activations {temporaries / 2**20:,.1f} MiB (XLA), total {total / 2**20:,.1f} MiB"
+          + (f" of {limit / 2**20:,.0f} MiB" if limit else ""))
+
+
 def peak_flops_per_device(cfg: config_lib.TrainConfig) -> float:
   if cfg.peak_flops_per_device > 0:
     return cfg.peak_flops_per_device
@@ -118,11 +132,13 @@ def flops_per_token(cfg: config_lib.ModelConfig, n_params: int) -> float:
   return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = True, devices=None) -> dict:
-  """Trains as `cfg` says and returns the final {"step", "train_loss", "val_loss"}.
+def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = True,
+          devices=None) -> tuple[dict, TrainState]:
+  """Trains as `cfg` says; returns the final {"step", "train_loss", "val_loss"} and TrainState.
 
   `devices` (default: all) are the devices the mesh is built from.
   """
+  sharding.initialize_distributed(cfg.distributed)
   meta = data.load_meta(cfg.data.dir)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
   t = cfg.train
@@ -187,14 +203,23 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
 
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(t.seed))
 
-  train_step = jax.jit(
-      make_train_step(model, tx, schedule, t.seed),
-      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  eval_step = jax.jit(
-      make_eval_step(model),
-      in_shardings=(shardings.params, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)),
-      out_shardings=sharding.replicated(mesh))
+  # Compiled ahead of time, under the mesh so that the model's activation constraints bind.
+  def batch_spec(accum):
+    return jax.ShapeDtypeStruct((accum, t.batch_size, cfg.model.block_size), jnp.int32,
+                                sharding=sharding.batch_sharding(mesh))
+
+  abstract_state = checkpoint.abstract_like(abstract, shardings)
+  with jax.set_mesh(mesh):
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, t.seed),
+        in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+    ).lower(abstract_state, batch_spec(t.grad_accum_steps), batch_spec(t.grad_accum_steps)).compile()
+    eval_step = jax.jit(
+        make_eval_step(model),
+        in_shardings=(shardings.params, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    ).lower(abstract_state.params, batch_spec(1), batch_spec(1)).compile()
 
   def estimate_loss(split_tokens, seed) -> float:
     batches = data.TokenBatches(split_tokens, seed=seed, **batch_args)
@@ -224,6 +249,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
       f"{jax.devices()[0].platform} devices, {tokens_per_step} tokens/step, "
       f"{'resuming at' if resume else 'starting at'} step {start_step} of {t.max_iters}"
       f"{f', fine-tuning {t.init_from}' if t.init_from else ''}")
+  log(memory_report(abstract, shardings, train_step))
 
   result = evaluate_both(start_step) if start_step >= t.max_iters else {}  # already done: report it
   last_time, last_step = time.perf_counter(), start_step
@@ -249,15 +275,15 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     if save_now or done % t.eval_interval == 0:
       result = evaluate_both(done)
       log(f"step {done}: train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")
-      last_time, last_step = time.perf_counter(), done  # evaluation is not training throughput
-    if save_now:
-      checkpoint.save(manager, done, params=state.params, opt_state=state.opt_state,
-                      progress={"step": done, "data": train_batches.state()}, config=cfg,
-                      tokenizer=meta["tokenizer"], val_loss=result["val_loss"])
+      if save_now:
+        checkpoint.save(manager, done, params=state.params, opt_state=state.opt_state,
+                        progress={"step": done, "data": train_batches.state()}, config=cfg,
+                        tokenizer=meta["tokenizer"], val_loss=result["val_loss"])
+      last_time, last_step = time.perf_counter(), done  # evaluating and saving are not training throughput
   manager.wait_until_finished()
   manager.close()
   bar.close()
-  return result
+  return result, state
 
 
 def main(argv=None) -> None:
@@ -267,8 +293,8 @@ def main(argv=None) -> None:
   parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.max_iters=100")
   parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)  # flags may come between the overrides
   cfg = config_lib.load_config(args.config, args.overrides)
-  result = train(cfg, resume=args.resume, progress_bar=not args.no_progress)
+  result, _ = train(cfg, resume=args.resume, progress_bar=not args.no_progress)
   if jax.process_index() == 0:
     print(f"done: step {result['step']}, train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")

@@ -33,6 +33,7 @@ def test_text_shorter_than_one_block(tmp_path):
     ("train.max_iters=many", "train.max_iters"),
     ("model.dropout=2.0", "model.dropout=2.0 is not in [0, 1)"),
     ("model.n_head=5", "not divisible by model.n_head=5"),
+    ("distributed.num_processes=-2", "distributed.num_processes=-2 is negative"),
 ])
 def test_bad_config_key_or_value(tmp_path, override, message):
   one_line_error(run_cli("train", "shakespeare_char_cpu", override), message)

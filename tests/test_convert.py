@@ -221,7 +221,7 @@ def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
         *extra])
 
   # Zero steps: the loss is the imported model's own, evaluated on the same batches.
-  before = train.train(config("zero", "train.max_iters=0"), progress_bar=False)
+  before, _ = train.train(config("zero", "train.max_iters=0"), progress_bar=False)
   cfg, _, params, _ = sample.load_params(imported)
   batches = data.TokenBatches(data.load_tokens(tmp_path / "data", "val"), batch_size=8,
                               block_size=cfg.model.block_size, seed=1337 + 2)
@@ -229,11 +229,11 @@ def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
                       (batches.batch(i) for i in range(2))])
   assert before["step"] == 0 and before["val_loss"] == pytest.approx(expected, rel=1e-5)
 
-  after = train.train(config("tuned"), progress_bar=False)
+  after, _ = train.train(config("tuned"), progress_bar=False)
   assert after["step"] == 10 and after["val_loss"] < before["val_loss"] - 1.0
   tuned_cfg, _, _ = checkpoint.read_run_config(str(tmp_path / "tuned"), "latest")
   assert tuned_cfg.model == dataclasses.replace(cfg.model, dropout=0.1)  # the source's, not the config's GPT-2 124M
-  assert train.train(config("tuned", "train.max_iters=12"), resume=True, progress_bar=False)["step"] == 12
+  assert train.train(config("tuned", "train.max_iters=12"), resume=True, progress_bar=False)[0]["step"] == 12
 
 
 # Bad input: one line, exit status 2, nothing written or changed.

@@ -1,0 +1,125 @@
+"""Parallelism as mesh shapes on 8 simulated CPU devices: the same losses and parameters as one
+device, parameters placed as the rules say, checkpoints that move between meshes, two processes."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gptjax import sample
+from gptjax import sharding
+from gptjax import train
+
+from conftest import TINY_OVERRIDES, tiny_config
+
+# 8 heads so that tensor=8 splits them; the 77-character vocabulary divides no tensor size > 1.
+SHORT_RUN = ["model.n_head=8", "train.max_iters=4", "train.eval_interval=4", "train.checkpoint_interval=4",
+             "model.dropout=0.1", "train.grad_accum_steps=2"]
+
+
+def _mesh_overrides(mesh):
+  return [f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"]
+
+
+def _assert_same_run(result, state, reference, reference_state):
+  assert result["step"] == reference["step"]
+  assert result["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
+  assert result["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5),
+               jax.device_get(state.params), jax.device_get(reference_state.params))
+
+
+def _expected_specs(tensor: int) -> dict[str, tuple]:
+  """The rules written out for the tiny model (vocab 77, embd 32, 8 heads of 4, MLP 128)."""
+  vocab = "tensor" if 77 % tensor == 0 else None
+  embed_1d = ("fsdp",)
+  return {
+      "wte/embedding": (vocab, "fsdp"), "wpe/embedding": (None, "fsdp"),
+      "ln_1/scale": embed_1d, "ln_1/bias": embed_1d, "ln_2/scale": embed_1d, "ln_2/bias": embed_1d,
+      "ln_f/scale": embed_1d, "ln_f/bias": embed_1d,
+      "attn/c_attn/kernel": ("fsdp", None, "tensor", None), "attn/c_attn/bias": (None, "tensor", None),
+      "attn/c_proj/kernel": ("tensor", None, "fsdp"), "attn/c_proj/bias": embed_1d,
+      "mlp/c_fc/kernel": ("fsdp", "tensor"), "mlp/c_fc/bias": ("tensor",),
+      "mlp/c_proj/kernel": ("tensor", "fsdp"), "mlp/c_proj/bias": embed_1d,
+  }
+
+
+def _assert_placed_by_rules(state, mesh):
+  expected = _expected_specs(mesh[2])
+  by_shape = {}
+  for path, leaf in traverse_util.flatten_dict(state.params, sep="/").items():
+    name = path.split("/", 1)[1] if path.startswith("h_") else path
+    assert leaf.sharding.mesh.axis_sizes == mesh
+    assert leaf.sharding.is_equivalent_to(NamedSharding(leaf.sharding.mesh, P(*expected[name])), leaf.ndim), \
+        (path, leaf.sharding.spec)
+    by_shape[leaf.shape] = leaf.sharding
+  for leaf in jax.tree.leaves(state.opt_state):  # Adam's moments sit where their parameters do
+    if leaf.ndim:
+      assert leaf.sharding.is_equivalent_to(by_shape[leaf.shape], leaf.ndim)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, char_data):
+  path = tmp_path_factory.mktemp("one_device")
+  return train.train(tiny_config(path, f"data.dir={char_data}", *SHORT_RUN), progress_bar=False,
+                     devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)], ids=str)
+def test_mesh_shapes_match_one_device(tmp_path, char_data, one_device_run, mesh, capsys):
+  result, state = train.train(tiny_config(tmp_path, f"data.dir={char_data}", *SHORT_RUN, *_mesh_overrides(mesh)),
+                              progress_bar=False)
+  _assert_same_run(result, state, *one_device_run)
+  _assert_placed_by_rules(state, mesh)
+
+  # The memory report counts what one device really holds.
+  held = sum(shard.data.nbytes for leaf in jax.tree.leaves(state.params) for shard in leaf.addressable_shards
+             if shard.device == jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
+  assert sharding.bytes_per_device(abstract, jax.tree.map(lambda x: x.sharding, state.params)) == held
+  assert "memory per device: parameters" in capsys.readouterr().out
+
+
+def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, char_data):
+  def config(name, mesh, max_iters):
+    return tiny_config(tmp_path / name, f"data.dir={char_data}", *SHORT_RUN, *_mesh_overrides(mesh),
+                       f"train.max_iters={max_iters}")
+
+  straight = train.train(config("straight", (8, 1, 1), 8), progress_bar=False)
+  train.train(config("moved", (8, 1, 1), 4), progress_bar=False)
+  resumed = train.train(config("moved", (2, 2, 2), 8), resume=True, progress_bar=False)
+  _assert_same_run(*resumed, *straight)
+  _assert_placed_by_rules(resumed[1], (2, 2, 2))
+
+
+def test_two_processes_train_like_one(tmp_path, char_data):
+  """Two local processes of 4 CPU devices each, joined by jax.distributed (CPU collectives over
+  gloo), against one process of 8 devices with the same global batch."""
+  overrides = [*TINY_OVERRIDES, f"data.dir={char_data}", *SHORT_RUN, *_mesh_overrides((2, 2, 2))]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  command = [sys.executable, "-m", "gptjax.cli", "train", "shakespeare_char_cpu", *overrides,
+             f"train.out_dir={tmp_path / 'two'}", f"distributed.coordinator_address=localhost:{port}",
+             "distributed.num_processes=2", "--no-progress"]
+  processes = [subprocess.Popen(command + [f"distributed.process_id={i}"], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+
+  one, one_state = train.train(tiny_config(tmp_path / "one", f"data.dir={char_data}", *SHORT_RUN,
+                                           *_mesh_overrides((2, 2, 2))), progress_bar=False)
+  assert "8 cpu devices" in outputs[0][0]
+  assert f"done: step 4, train loss {one['train_loss']:.4f}, val loss {one['val_loss']:.4f}" in outputs[0][0]
+  assert [line for line in outputs[1][0].splitlines() if not line.startswith("[Gloo]")] == []  # only process 0 logs
+  two_params = sample.load_params(str(tmp_path / "two"), "latest")[2]
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5),
+               jax.device_get(two_params), jax.device_get(one_state.params))
