@@ -276,14 +276,20 @@ def test_import_errors(small, tmp_path, capsys):
 
 
 def test_import_needs_torch_only_for_pytorch_pickles(small, tmp_path):
-  model, _, _ = small
-  (tmp_path / "hf").mkdir()
-  torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
-  model.config.to_json_file(tmp_path / "hf" / "config.json")
-  without_torch = "import sys; sys.modules['torch'] = None; from gptjax import cli; cli.main()"
-  result = subprocess.run([sys.executable, "-c", without_torch, "convert", "import", tmp_path / "hf",
-                           tmp_path / "out"], capture_output=True, text=True, timeout=300)
-  one_line_error(result, "pytorch_model.bin is a PyTorch pickle, which needs torch")
+  model, hf_dir, _ = small
+  (tmp_path / "bin").mkdir()
+  torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+  model.config.to_json_file(tmp_path / "bin" / "config.json")
+
+  def convert_without_torch(*args):
+    without_torch = "import sys; sys.modules['torch'] = None; from gptjax import cli; cli.main()"
+    return subprocess.run([sys.executable, "-c", without_torch, "convert", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+  result = convert_without_torch("import", hf_dir, tmp_path / "from_safetensors")
+  assert result.returncode == 0, result.stderr
+  one_line_error(convert_without_torch("import", tmp_path / "bin", tmp_path / "from_bin"),
+                 "pytorch_model.bin is a PyTorch pickle, which needs torch")
 
 
 def test_convert_never_overwrites(small, tmp_path, capsys):
