@@ -119,11 +119,15 @@ def load_for_inference(out_dir: str, which: str = "best", abstract_params_fn=Non
   where the arrays go.
   """
   cfg, tokenizer, step = read_run_config(out_dir, which)
+  return cfg, tokenizer, restore_params(out_dir, step, abstract_params_fn(cfg)), step
+
+
+def restore_params(out_dir: str, step: int, abstract_params):
+  """The parameters of `step`, placed as the ShapeDtypeStructs' shardings say."""
   manager = _open_existing(out_dir)
-  params = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params_fn(cfg)))).params
+  params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
   manager.close()
-  return cfg, tokenizer, params, step
+  return params
 
 
 def abstract_like(tree, shardings):

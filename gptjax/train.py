@@ -154,7 +154,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     raise UserError(f"{t.out_dir} holds model weights only (no optimizer state), as an import does: "
                     f"fine-tune from it with train.init_from={t.out_dir} and a new train.out_dir")
   if t.init_from and not resume:
-    source_cfg, source_tokenizer, _ = checkpoint.read_run_config(t.init_from)
+    source_cfg, source_tokenizer, source_step = checkpoint.read_run_config(t.init_from)
     if source_tokenizer != meta["tokenizer"]:
       raise UserError(f"{cfg.data.dir} was prepared with another tokenizer ({_describe(meta['tokenizer'])}) "
                       f"than {t.init_from} uses ({_describe(source_tokenizer)})")
@@ -176,6 +176,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   tx = optim.make_optimizer(cfg.optim)
   schedule = optim.lr_schedule(cfg.optim)
   abstract, shardings = state_shardings(cfg, tx, mesh)
+  abstract_state = checkpoint.abstract_like(abstract, shardings)  # restore and compile targets
 
   batch_args = dict(batch_size=t.batch_size, block_size=cfg.model.block_size,
                     process_index=jax.process_index(), process_count=jax.process_count())
@@ -187,13 +188,11 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
 
   if resume:
     params, opt_state, progress = checkpoint.restore_train_state(
-        manager, latest, checkpoint.abstract_like(abstract.params, shardings.params),
-        checkpoint.abstract_like(abstract.opt_state, shardings.opt_state))
+        manager, latest, abstract_state.params, abstract_state.opt_state)
     state = TrainState(jax.device_put(jnp.int32(progress["step"]), shardings.step), params, opt_state)
     train_batches.restore(progress["data"])
   elif t.init_from:  # fine-tuning: the source's weights, a fresh optimizer, step 0
-    _, _, params, _ = checkpoint.load_for_inference(
-        t.init_from, "best", lambda _: checkpoint.abstract_like(abstract.params, shardings.params))
+    params = checkpoint.restore_params(t.init_from, source_step, abstract_state.params)
     state = jax.jit(lambda params: TrainState(jnp.int32(0), params, tx.init(params)),
                     out_shardings=shardings, donate_argnums=0)(params)
   else:
@@ -208,7 +207,6 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     return jax.ShapeDtypeStruct((accum, t.batch_size, cfg.model.block_size), jnp.int32,
                                 sharding=sharding.batch_sharding(mesh))
 
-  abstract_state = checkpoint.abstract_like(abstract, shardings)
   with jax.set_mesh(mesh):
     train_step = jax.jit(
         make_train_step(model, tx, schedule, t.seed),
