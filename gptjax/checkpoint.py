@@ -1,11 +1,12 @@
-"""Orbax checkpoints: OUT_DIR/checkpoints/<step>/{params, opt_state, progress, config, tokenizer}.
+"""Orbax checkpoints: OUT_DIR/checkpoints/<step>/{params, opt_state, progress, config, tokenizer, format}.
 
 The latest `keep` checkpoints are kept for resuming, plus the one with the lowest validation
 loss. Parameters and optimizer state are separate items so that sampling and evaluation read only
 the parameters. Arrays restore onto whatever shardings the caller asks for, so a checkpoint saved
 on one mesh loads on another. A weights-only checkpoint (`save_weights`: step 0 with params, config
 and tokenizer, as `gptjax convert import` writes) can be sampled, evaluated and fine-tuned from, but
-not resumed.
+not resumed. Every checkpoint records its layout version (`format`); one of another layout is
+refused with a line that says how to carry it over, never read as something it is not.
 """
 
 import pathlib
@@ -15,7 +16,12 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from gptjax import config as config_lib
+from gptjax import model as model_lib
+from gptjax import sharding
 from gptjax.errors import UserError
+
+# 1: per-layer blocks h_0 .. h_N (gptjax 0.1, Flax Linen; no `format` item). 2: stacked blocks h/...
+FORMAT_VERSION = 2
 
 
 def _val_loss(metrics: dict) -> float:
@@ -44,7 +50,8 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, progre
       opt_state=ocp.args.StandardSave(opt_state),
       progress=ocp.args.JsonSave(progress),
       config=ocp.args.JsonSave(config_lib.to_dict(config)),
-      tokenizer=ocp.args.JsonSave(tokenizer)))
+      tokenizer=ocp.args.JsonSave(tokenizer),
+      format=ocp.args.JsonSave({"version": FORMAT_VERSION})))
 
 
 def save_weights(out_dir: str, params, *, config: config_lib.Config, tokenizer: dict) -> None:
@@ -55,7 +62,8 @@ def save_weights(out_dir: str, params, *, config: config_lib.Config, tokenizer: 
   manager.save(0, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       config=ocp.args.JsonSave(config_lib.to_dict(config)),
-      tokenizer=ocp.args.JsonSave(tokenizer)))
+      tokenizer=ocp.args.JsonSave(tokenizer),
+      format=ocp.args.JsonSave({"version": FORMAT_VERSION})))
   manager.wait_until_finished()
   manager.close()
 
@@ -90,8 +98,22 @@ def select_step(manager: ocp.CheckpointManager, out_dir: str, which: str) -> int
   return int(which)
 
 
+def check_format(manager: ocp.CheckpointManager, step: int) -> None:
+  """Refuses a checkpoint written in another layout than this gptjax reads."""
+  step_dir = pathlib.Path(manager.directory) / str(step)
+  version = 1
+  if (step_dir / "format").is_dir():
+    version = manager.restore(step, args=ocp.args.Composite(format=ocp.args.JsonRestore())).format["version"]
+  if version != FORMAT_VERSION:
+    raise UserError(
+        f"{step_dir} is a checkpoint of layout {version}, this gptjax reads layout {FORMAT_VERSION}"
+        f"{' (per-layer h_0..h_N blocks, before the stacked layers)' if version == 1 else ''}: export it with the "
+        "gptjax that wrote it (`gptjax convert export RUN_DIR HF_DIR`), then `gptjax convert import HF_DIR NEW_DIR` here")
+
+
 def read_config(manager: ocp.CheckpointManager, step: int) -> tuple[config_lib.Config, dict]:
-  """The run's config and tokenizer description saved with `step`."""
+  """The run's config and tokenizer description saved with `step`, after checking its layout."""
+  check_format(manager, step)
   restored = manager.restore(step, args=ocp.args.Composite(
       config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
   return config_lib.from_dict(restored.config), restored.tokenizer
@@ -112,22 +134,27 @@ def read_run_config(out_dir: str, which: str = "best") -> tuple[config_lib.Confi
   return cfg, tokenizer, step
 
 
-def load_for_inference(out_dir: str, which: str = "best", abstract_params_fn=None):
-  """(config, tokenizer meta, params, step) from a run directory.
-
-  `abstract_params_fn(config)` returns the parameters' ShapeDtypeStructs, whose shardings say
-  where the arrays go.
-  """
-  cfg, tokenizer, step = read_run_config(out_dir, which)
-  return cfg, tokenizer, restore_params(out_dir, step, abstract_params_fn(cfg)), step
+def params_target(cfg: config_lib.ModelConfig, mesh: jax.sharding.Mesh):
+  """The parameters' ShapeDtypeStructs placed on `mesh` by the rules: what a restore fills."""
+  shapes, names = model_lib.abstract_params(cfg)
+  return abstract_like(shapes, sharding.param_shardings(shapes, names, mesh))
 
 
-def restore_params(out_dir: str, step: int, abstract_params):
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
   """The parameters of `step`, placed as the ShapeDtypeStructs' shardings say."""
+  return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
+
+
+def load_for_inference(out_dir: str, which: str = "best", mesh: jax.sharding.Mesh | None = None):
+  """(config, tokenizer meta, params, step) of a run's checkpoint `which`, the parameters placed on
+  `mesh` by the rules (default: the first device)."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(config_lib.MeshConfig(), jax.devices()[:1])
   manager = _open_existing(out_dir)
-  params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
+  step = select_step(manager, out_dir, which)
+  cfg, tokenizer = read_config(manager, step)
+  params = restore_params(manager, step, params_target(cfg.model, mesh))
   manager.close()
-  return params
+  return cfg, tokenizer, params, step
 
 
 def abstract_like(tree, shardings):

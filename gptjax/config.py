@@ -16,6 +16,11 @@ from omegaconf.errors import OmegaConfBaseException
 from gptjax.errors import UserError
 
 
+# Activation rematerialisation in the backward pass: nothing saved inside a block ("full"), only the
+# outputs of the weight matmuls saved ("save_dots": attention scores, norms and GELUs recomputed).
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 50257  # replaced by the prepared data's vocabulary size at train time
@@ -27,7 +32,8 @@ class ModelConfig:
   bias: bool = True  # biases in Dense and LayerNorm layers, as GPT-2
   layer_norm_epsilon: float = 1e-5
   dtype: str = "auto"  # compute dtype: auto (bfloat16 on accelerators, float32 on CPU), float32, bfloat16
-  remat: bool = False  # recompute each block's activations in the backward pass
+  remat: str = "none"  # what each block recomputes in the backward pass: none, full, save_dots
+  scan_layers: bool = True  # the blocks as one lax.scan over stacked parameters (compile time flat in depth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +151,7 @@ def validate(cfg: Config) -> Config:
       (min(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) > 0, "model sizes must be positive"),
       (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} is not in [0, 1)"),
       (m.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={m.dtype!r} is not auto, float32 or bfloat16"),
+      (m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}"),
       (min(t.batch_size, t.grad_accum_steps, t.eval_iters, t.log_interval) > 0,
        "train.batch_size, grad_accum_steps, eval_iters and log_interval must be positive"),
       (min(t.eval_interval, t.checkpoint_interval, t.keep_checkpoints) > 0,

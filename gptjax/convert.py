@@ -11,8 +11,8 @@ model.safetensors and, for GPT-2 BPE models, the tokenizer's vocab.json and merg
 
 GPT-2 stores its Conv1D weights [in, out], as Flax stores Dense kernels, so only the attention
 matrices change shape: c_attn [embd, 3 * embd] is [embd, 3, heads, head_dim] here and attn.c_proj
-[embd, embd] is [heads, head_dim, embd]. The LM head is tied to wte, so lm_head.weight is not
-stored. A model's tokenizer is GPT-2's BPE unless config.json names a gptjax one
+[embd, embd] is [heads, head_dim, embd]. GPT-2's per-layer tensors h.{i}.NAME are the slices
+[i] of gptjax's stacked h/NAME. The LM head is tied to wte, so lm_head.weight is not stored. A model's tokenizer is GPT-2's BPE unless config.json names a gptjax one
 (`gptjax_tokenizer`, written when exporting a character-level model).
 """
 
@@ -24,7 +24,6 @@ import pathlib
 import re
 import tempfile
 
-import flax.linen as nn
 import jax
 import numpy as np
 import safetensors
@@ -34,7 +33,6 @@ from flax import traverse_util
 from gptjax import checkpoint
 from gptjax import config as config_lib
 from gptjax import model as model_lib
-from gptjax import sample
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
@@ -44,15 +42,14 @@ _PREFIX = "transformer."
 _ATTENTION_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias")  # causal-mask buffers in old files
 
 
-def _hf_name(path: tuple[str, ...]) -> str:
-  """("h_3", "attn", "c_attn", "kernel") -> "h.3.attn.c_attn.weight"."""
-  parts = []
-  for part in path[:-1]:
-    parts += ["h", part[2:]] if part.startswith("h_") else [part]
+def _hf_name(path: tuple[str, ...], layer: int | None) -> str:
+  """(("h", "attn", "c_attn", "kernel"), 3) -> "h.3.attn.c_attn.weight"."""
+  parts = ["h", str(layer), *path[1:-1]] if layer is not None else list(path[:-1])
   return ".".join(parts + ["bias" if path[-1] == "bias" else "weight"])
 
 
 def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  """GPT-2's shape of one layer's tensor of gptjax `shape` (without the layer axis)."""
   if path[-1] == "kernel":  # Conv1D [in, out]; attn.c_proj has two input axes (heads, head_dim)
     n_in = 2 if path[-3:-1] == ("attn", "c_proj") else 1
     return (math.prod(shape[:n_in]), math.prod(shape[n_in:]))
@@ -61,17 +58,26 @@ def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
   return (math.prod(shape),)  # biases and LayerNorm scales are flat
 
 
-def hf_layout(cfg: config_lib.ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]]:
-  """GPT-2 tensor name (without `transformer.`) -> (gptjax path, gptjax shape, GPT-2 shape)."""
-  shapes = traverse_util.flatten_dict(nn.meta.unbox(model_lib.abstract_params(cfg)))
-  return {_hf_name(path): (path, s.shape, _hf_shape(path, s.shape)) for path, s in shapes.items()}
+def hf_layout(cfg: config_lib.ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...], tuple[int, ...]]]:
+  """GPT-2 tensor name (without `transformer.`) -> (gptjax path, layer index in the stacked
+  blocks or None, gptjax shape of that one tensor, GPT-2 shape)."""
+  layout = {}
+  for path, s in traverse_util.flatten_dict(model_lib.abstract_params(cfg)[0]).items():
+    layers = range(cfg.n_layer) if path[0] == "h" else [None]
+    shape = s.shape[1:] if path[0] == "h" else s.shape
+    for layer in layers:
+      layout[_hf_name(path, layer)] = (path, layer, shape, _hf_shape(path, shape))
+  return layout
 
 
 def params_to_hf(params, cfg: config_lib.ModelConfig) -> dict[str, np.ndarray]:
   """gptjax parameters -> GPT2LMHeadModel's state dict (float32 numpy arrays)."""
   flat = traverse_util.flatten_dict(jax.device_get(params))
-  return {_PREFIX + name: np.ascontiguousarray(np.asarray(flat[path], np.float32).reshape(hf_shape))
-          for name, (path, _, hf_shape) in hf_layout(cfg).items()}
+  tensors = {}
+  for name, (path, layer, _, hf_shape) in hf_layout(cfg).items():
+    value = flat[path] if layer is None else flat[path][layer]
+    tensors[_PREFIX + name] = np.ascontiguousarray(np.asarray(value, np.float32).reshape(hf_shape))
+  return tensors
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: config_lib.ModelConfig, source: str):
@@ -85,14 +91,15 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: config_lib.ModelConfig, 
   if unexpected:
     raise UserError(f"{source}: unexpected tensors for a GPT-2 LM ({', '.join(unexpected[:3])}"
                     f"{', ...' if len(unexpected) > 3 else ''})")
-  flat = {}
-  for name, (path, shape, hf_shape) in layout.items():
+  per_layer = {}  # gptjax path -> its layers' tensors, in order
+  for name, (path, layer, shape, hf_shape) in layout.items():
     if name not in tensors:
       raise UserError(f"{source}: missing tensor {name} (config.json: n_layer={cfg.n_layer}); "
                       "the directory is incomplete or its config does not match its weights")
     if tuple(tensors[name].shape) != hf_shape:
       raise UserError(f"{source}: {name} has shape {tuple(tensors[name].shape)} but config.json implies {hf_shape}")
-    flat[path] = np.asarray(tensors[name], np.float32).reshape(shape)
+    per_layer.setdefault(path, []).append(np.asarray(tensors[name], np.float32).reshape(shape))
+  flat = {path: np.stack(values) if path[0] == "h" else values[0] for path, values in per_layer.items()}
   return traverse_util.unflatten_dict(flat)
 
 
@@ -231,8 +238,7 @@ def export_hf(run_dir: str, hf_dir: str, which: str = "best") -> int:
   out = pathlib.Path(hf_dir)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise UserError(f"{hf_dir} already exists and is not empty; choose a new directory")
-  cfg, tok, params, step = sample.load_params(run_dir, which)
-  tokenizer_meta = tok.to_meta()
+  cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(run_dir, which)
   config = hf_config(cfg.model, tokenizer_meta)
   tensors = params_to_hf(params, cfg.model)
   # Write beside the target, then rename: a failure never leaves a half-written model behind.

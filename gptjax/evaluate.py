@@ -2,15 +2,20 @@
 
     gptjax perplexity --checkpoint out/shakespeare_char_cpu --split val
     gptjax perplexity --checkpoint out/gpt2 --text milton.txt --stride 512
+    gptjax perplexity --checkpoint out/big --split val mesh.fsdp=8     # parameters split over 8 devices
 
 The standard method for fixed-context models (as in Hugging Face's perplexity guide): windows of up
 to `block_size` tokens start every `stride` tokens; each window scores only the tokens that earlier
 windows did not, each with at least `block_size - stride` tokens of context where the text has them.
 With stride < block_size every token after the first is scored once; stride = block_size gives
 disjoint windows, whose first tokens have no context and are not scored.
+
+Parameters are placed on a device mesh by the same rules as in training (`mesh.*` overrides; by
+default data parallel over this machine's devices, the windows of a batch split between them).
 """
 
 import argparse
+import contextlib
 import functools
 import math
 
@@ -19,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gptjax import checkpoint
 from gptjax import data
 from gptjax import model as model_lib
-from gptjax import sample
+from gptjax import sharding
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
 
@@ -42,13 +49,18 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int,
 @functools.partial(jax.jit, static_argnames="cfg")
 def _window_nll(params, inputs, targets, weights, *, cfg: ModelConfig):
   """inputs, targets, weights: [W, block] -> summed weighted NLL over the windows."""
-  logits = model_lib.GPT(cfg).apply({"params": params}, inputs)
+  logits = model_lib.bind(cfg, params)(inputs)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return jnp.sum(nll * weights)
 
 
-def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, batch_size: int = 8) -> dict:
-  """{"tokens": scored token count, "nll": mean NLL in nats, "perplexity": exp(nll)}."""
+def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, batch_size: int = 8,
+               mesh: jax.sharding.Mesh | None = None) -> dict:
+  """{"tokens": scored token count, "nll": mean NLL in nats, "perplexity": exp(nll)}.
+
+  With a `mesh` (that `params` are placed on), each batch of windows is split over its batch
+  axes; `batch_size` is rounded up to a multiple of them (the extra windows weigh nothing).
+  """
   block = cfg.block_size
   if not 0 < stride <= block:
     raise UserError(f"stride={stride} is not in [1, block_size={block}]")
@@ -56,6 +68,8 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
     raise UserError(f"the text has {len(tokens)} tokens; perplexity needs at least 2")
   tokens = np.asarray(tokens, np.int32)
   windows = sliding_windows(len(tokens), block, stride)
+  shards = sharding.batch_shards(mesh) if mesh is not None else 1
+  batch_size = -(-batch_size // shards) * shards
   total_nll, total_count = 0.0, 0
   for first in range(0, len(windows), batch_size):  # fixed [batch_size, block] shapes: one compile
     inputs = np.zeros((batch_size, block), np.int32)
@@ -65,7 +79,10 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
       inputs[row, :end - begin] = tokens[begin:end]
       targets[row, :end - begin - 1] = tokens[begin + 1:end]  # position j predicts token begin + j + 1
       weights[row, scored_from - begin - 1:end - begin - 1] = 1.0
-    total_nll += float(_window_nll(params, inputs, targets, weights, cfg=cfg))
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      if mesh is not None:
+        inputs, targets, weights = jax.device_put((inputs, targets, weights), sharding.rows_sharding(mesh))
+      total_nll += float(_window_nll(params, inputs, targets, weights, cfg=cfg))
     total_count += int(weights.sum())
   nll = total_nll / total_count
   return {"tokens": total_count, "nll": nll, "perplexity": math.exp(nll)}
@@ -82,9 +99,12 @@ def main(argv=None) -> None:
   parser.add_argument("--data-dir", default=None, help="prepared data for --split (default: the run's data.dir)")
   parser.add_argument("--stride", type=int, default=None, help="window stride (default: block_size // 2)")
   parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-  args = parser.parse_args(argv)
+  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.tensor=N (default: data parallel)")
+  args = parser.parse_intermixed_args(argv)
 
-  cfg, tok, params, step = sample.load_params(args.checkpoint, args.step)
+  mesh = sharding.inference_mesh(args.mesh)
+  cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(args.checkpoint, args.step, mesh)
+  tok = tokenizer_lib.from_meta(tokenizer_meta)
   if args.text is not None:
     tokens = np.asarray(tok.encode(data.read_text(args.text)), np.int32)
     what = args.text
@@ -95,6 +115,6 @@ def main(argv=None) -> None:
     tokens = data.load_tokens(data_dir, args.split)
     what = f"{data_dir} {args.split}"
   stride = args.stride or cfg.model.block_size // 2
-  result = perplexity(cfg.model, params, tokens, stride=stride, batch_size=args.batch_size)
+  result = perplexity(cfg.model, params, tokens, stride=stride, batch_size=args.batch_size, mesh=mesh)
   print(f"{what} (checkpoint step {step}, context {cfg.model.block_size}, stride {stride}): "
         f"{result['tokens']:,} tokens, mean NLL {result['nll']:.4f} nats, perplexity {result['perplexity']:.3f}")

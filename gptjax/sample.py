@@ -1,24 +1,30 @@
-"""Sampling: autoregressive generation with a key/value cache.
+"""Sampling: autoregressive generation with the model's key/value cache.
 
     gptjax sample --checkpoint out/shakespeare_char_cpu --prompt "ROMEO:" --num-samples 3
     gptjax sample --checkpoint out/gpt2 --prompt "Hello" --temperature 0.8 --top-k 200 --top-p 0.95
+    gptjax sample --checkpoint out/big --prompt "Hello" mesh.fsdp=8     # parameters split over 8 devices
 
 The prompt runs through the model once to fill the cache; each new token then costs one
 single-position forward pass. Generation runs inside one compiled `lax.while_loop` and stops when
 every sample has produced end-of-text. A model with learned positions sees at most `block_size`
 tokens: past that, generation restarts the cache from the last `block_size // 2` tokens.
+
+Parameters are placed on a device mesh by the same rules as in training (`mesh.*` overrides; by
+default data parallel over this machine's devices, the samples split between them).
 """
 
 import argparse
 import functools
 
-import flax.linen as nn
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptjax import checkpoint
 from gptjax import model as model_lib
+from gptjax import sharding
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
@@ -38,27 +44,23 @@ def sample_logits(logits, rng, *, temperature: float, top_k: int, top_p: float):
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits)
-
-
-def empty_cache(cfg: ModelConfig, batch: int):
-  shapes = jax.eval_shape(
-      lambda: model_lib.GPT(cfg).init(jax.random.key(0), jnp.zeros((batch, 1), jnp.int32), decode=True))
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["cache"]))
+  row_keys = jax.random.split(rng, logits.shape[0])  # a row's draw does not depend on the batch size
+  return jax.vmap(jax.random.categorical)(row_keys, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_new", "temperature", "top_k", "top_p", "eot_id"))
-def _generate_chunk(params, context, rng, *, cfg: ModelConfig, n_new: int, temperature: float,
+def _generate_chunk(params, context, finished, rng, *, cfg: ModelConfig, n_new: int, temperature: float,
                     top_k: int, top_p: float, eot_id: int | None):
-  """context: [B, C] with C + n_new <= block_size -> (new tokens [B, n_new], count made, done [B])."""
-  model = model_lib.GPT(cfg)
+  """context: [B, C] with C + n_new <= block_size, finished: bool [B] (rows that need nothing more)
+  -> (new tokens [B, n_new], count made, done [B])."""
+  model = model_lib.bind(cfg, params)
   batch = context.shape[0]
 
   def forward(cache, tokens):  # tokens [B, T] continue the cached sequence
-    logits, variables = model.apply({"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"])
-    return logits[:, -1], variables["cache"]  # [B, V]
+    logits, cache = model.decode(tokens, cache)
+    return logits[:, -1], cache  # [B, V]
 
-  logits, cache = forward(empty_cache(cfg, batch), context)
+  logits, cache = forward(model.init_cache(batch), context)
 
   def keep_going(carry):
     i, _, _, _, done, _ = carry
@@ -75,30 +77,38 @@ def _generate_chunk(params, context, rng, *, cfg: ModelConfig, n_new: int, tempe
     logits, cache = forward(cache, token[:, None])
     return i + 1, logits, cache, out, done, rng
 
-  init = (jnp.int32(0), logits, cache, jnp.zeros((batch, n_new), jnp.int32), jnp.zeros(batch, bool), rng)
+  init = (jnp.int32(0), logits, cache, jnp.zeros((batch, n_new), jnp.int32), finished, rng)
   count, _, _, out, done, _ = jax.lax.while_loop(keep_going, next_token, init)
   return out, count, done
 
 
 def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: int, rng: jax.Array,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eot_id: int | None = None) -> np.ndarray:
-  """prompt: int [B, P] -> generated tokens [B, <= max_new_tokens] (end-of-text stops a sample)."""
-  sequences = np.asarray(prompt, np.int32)[:, -(cfg.block_size - 1):]
+             eot_id: int | None = None, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+  """prompt: int [B, P] -> generated tokens [B, <= max_new_tokens] (end-of-text stops a sample).
+
+  With a `mesh` (that `params` are placed on), the samples are split over its batch axes; rows
+  are padded to a multiple of them and the padding dropped.
+  """
+  n_samples = len(prompt)
+  sequences = sharding.pad_rows(np.asarray(prompt, np.int32)[:, -(cfg.block_size - 1):], mesh)
   produced = []
   remaining = max_new_tokens
-  done = np.zeros(len(sequences), bool)
+  done = np.arange(len(sequences)) >= n_samples  # padding rows are done from the start
   while remaining > 0 and not done.all():
     context = sequences if not produced else sequences[:, -(cfg.block_size // 2):]
     n_new = min(remaining, cfg.block_size - context.shape[1])
     rng, key = jax.random.split(rng)
-    out, count, done = jax.device_get(_generate_chunk(
-        params, context, key, cfg=cfg, n_new=n_new, temperature=temperature, top_k=top_k,
-        top_p=top_p, eot_id=eot_id))
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      if mesh is not None:
+        context = jax.device_put(context, sharding.rows_sharding(mesh))
+      out, count, done = jax.device_get(_generate_chunk(
+          params, context, done, key, cfg=cfg, n_new=n_new, temperature=temperature, top_k=top_k,
+          top_p=top_p, eot_id=eot_id))
     produced.append(out[:, :count])
     sequences = np.concatenate([sequences, out[:, :count]], axis=1)
     remaining -= n_new
-  return np.concatenate(produced, axis=1) if produced else np.zeros((len(sequences), 0), np.int32)
+  return np.concatenate(produced, axis=1)[:n_samples] if produced else np.zeros((n_samples, 0), np.int32)
 
 
 def check_sampling_args(vocab_size: int, *, temperature: float, top_k: int, top_p: float,
@@ -111,18 +121,6 @@ def check_sampling_args(vocab_size: int, *, temperature: float, top_k: int, top_
     raise UserError(f"top_p={top_p} is not in (0, 1]")
   if num_samples < 1 or max_new_tokens < 0:
     raise UserError("num_samples must be positive and max_new_tokens non-negative")
-
-
-def load_params(out_dir: str, which: str = "best"):
-  """(config, tokenizer, params, step) of a run's checkpoint, params on the default device."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-  def abstract_params(cfg):
-    shapes = nn.meta.unbox(model_lib.abstract_params(cfg.model))
-    return checkpoint.abstract_like(shapes, jax.tree.map(lambda _: device, shapes))
-
-  cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(out_dir, which, abstract_params)
-  return cfg, tokenizer_lib.from_meta(tokenizer_meta), params, step
 
 
 def main(argv=None) -> None:
@@ -138,14 +136,17 @@ def main(argv=None) -> None:
   parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
   parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   parser.add_argument("--seed", type=int, default=1337)
-  args = parser.parse_args(argv)
+  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.tensor=N (default: data parallel)")
+  args = parser.parse_intermixed_args(argv)
 
   if args.prompt_file is not None:
     try:
       args.prompt = open(args.prompt_file, encoding="utf-8").read()
     except OSError as e:
       raise UserError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
-  cfg, tok, params, step = load_params(args.checkpoint, args.step)
+  mesh = sharding.inference_mesh(args.mesh)
+  cfg, tokenizer_meta, params, _ = checkpoint.load_for_inference(args.checkpoint, args.step, mesh)
+  tok = tokenizer_lib.from_meta(tokenizer_meta)
   check_sampling_args(cfg.model.vocab_size, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
   prompt_ids = tok.encode(args.prompt) or ([tok.eot_id] if tok.eot_id is not None else [])
@@ -154,7 +155,7 @@ def main(argv=None) -> None:
   prompt = np.tile(np.asarray(prompt_ids, np.int32), (args.num_samples, 1))
   tokens = generate(cfg.model, params, prompt, max_new_tokens=args.max_new_tokens,
                     rng=jax.random.key(args.seed), temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, eot_id=tok.eot_id)
+                    top_p=args.top_p, eot_id=tok.eot_id, mesh=mesh)
   for row in tokens:
     row = list(row)
     if tok.eot_id in row:

@@ -1,5 +1,5 @@
-"""The device mesh, the logical-axis rules that place parameters and activations on it, and
-multi-process start-up.
+"""The device mesh, the logical-axis rules that place parameters, activations and the KV cache on
+it, and multi-process start-up.
 
 Parallelism is chosen by the mesh shape alone (`MeshConfig`): data parallelism splits the batch
 over "data"; FSDP (ZeRO-3) splits the batch and every parameter's embed axis over "fsdp"; tensor
@@ -13,17 +13,18 @@ tensor=8) stays whole on that axis.
 
 import math
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gptjax import config as config_lib
 from gptjax.config import DistributedConfig, MeshConfig
 from gptjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXIS_RULES = (
+    ("layers", None),  # the stacked blocks' leading axis
     ("batch", ("data", "fsdp")),
     ("sequence", None),
     ("embed", "fsdp"),
@@ -72,29 +73,70 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
                        devices=devices)
 
 
-def _fit(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
-  """`sharding` without the mesh axes of any dimension they do not divide."""
-  spec = []
-  for dim, axes in zip(shape, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+def inference_mesh(overrides: list[str], devices=None) -> Mesh:
+  """The mesh that `mesh.*` overrides describe over `devices` (default: this process's devices;
+  with no overrides, data parallel over all of them)."""
+  others = [item for item in overrides if not item.startswith("mesh.")]
+  if others:
+    raise UserError(f"only mesh.* overrides apply here, not {others[0]!r}")
+  return make_mesh(config_lib.load_config(None, overrides).mesh, devices or jax.local_devices())
+
+
+def pad_rows(rows: np.ndarray, mesh: Mesh | None) -> np.ndarray:
+  """`rows` [B, ...] with zero rows appended up to a multiple of the mesh's batch shards."""
+  missing = -len(rows) % (batch_shards(mesh) if mesh is not None else 1)
+  return np.concatenate([rows, np.zeros((missing, *rows.shape[1:]), rows.dtype)]) if missing else rows
+
+
+def logical_to_spec(names: tuple, rules=LOGICAL_AXIS_RULES) -> P:
+  """Logical axis names -> a PartitionSpec. Rules are tried in order; a rule applies when none of
+  its mesh axes is taken yet, so a mesh axis serves one dimension at most."""
+  spec, taken, placed = [None] * len(names), set(), set()
+  for name, mesh_axes in rules:
+    if name not in names or name in placed:
+      continue
+    wanted = set() if mesh_axes is None else {mesh_axes} if isinstance(mesh_axes, str) else set(mesh_axes)
+    if not wanted & taken:
+      spec[names.index(name)] = mesh_axes
+      taken |= wanted
+      placed.add(name)
+  return P(*spec)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """`spec` without the mesh axes of any dimension they do not divide."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = (axes,) if isinstance(axes, str) else (axes or ())
-    spec.append(axes if dim % math.prod(sharding.mesh.shape[a] for a in names) == 0 else None)
-  return NamedSharding(sharding.mesh, P(*spec))
+    fitted.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+  return P(*fitted)
 
 
-def param_shardings(boxed_params, mesh: Mesh):
-  """Parameters boxed with logical axis names (arrays or ShapeDtypeStructs) -> NamedShardings."""
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_params), mesh, LOGICAL_AXIS_RULES)
-  return jax.tree.map(lambda s, p: _fit(s, p.shape), shardings, nn.meta.unbox(boxed_params))
+def param_shardings(shapes, names, mesh: Mesh):
+  """Parameters' ShapeDtypeStructs and logical axis names (same tree) -> NamedShardings."""
+  return jax.tree.map(lambda x, n: NamedSharding(mesh, _fit(logical_to_spec(n), x.shape, mesh)), shapes, names)
 
 
 def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
-  """Constrains an activation's sharding by logical axis names, when traced under `jax.set_mesh`;
-  otherwise (sampling, evaluation on one device) it is `x` unchanged."""
-  return nn.with_logical_constraint(x, logical_axes, rules=LOGICAL_AXIS_RULES)
+  """Constrains an activation's sharding by logical axis names when traced under `jax.set_mesh`;
+  otherwise it is `x` unchanged."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+  """For arrays whose first axis is a batch: split over data and fsdp."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch is split: a batch must be a multiple of this."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -12,8 +12,10 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+from gptjax import checkpoint  # noqa: E402
 from gptjax import config as config_lib  # noqa: E402
 from gptjax import data  # noqa: E402
+from gptjax import tokenizer as tokenizer_lib  # noqa: E402
 
 TINY_OVERRIDES = [
     "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
@@ -26,6 +28,12 @@ def tiny_config(tmp_path, *extra) -> config_lib.Config:
   """A 2-layer, 32-wide model on prepared Shakespeare characters, writing under tmp_path."""
   return config_lib.load_config("shakespeare_char_cpu", TINY_OVERRIDES + [
       f"data.dir={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'out'}", *extra])
+
+
+def load_checkpoint(out_dir, which="best"):
+  """(config, tokenizer, params on the first device, step) of a run's checkpoint."""
+  cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(str(out_dir), which)
+  return cfg, tokenizer_lib.from_meta(tokenizer_meta), params, step
 
 
 def run_cli(*args, cwd=None):

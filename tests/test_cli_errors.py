@@ -79,3 +79,26 @@ def test_training_never_overwrites_an_existing_run(tiny_run):
   one_line_error(run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, "model.n_layer=3",
                           f"data.dir={data_dir}", f"train.out_dir={out_dir}", "--resume"), "model config differs")
   assert digest(out_dir) == before
+
+
+def test_input_that_is_not_utf8(tmp_path):
+  (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e ".encode("latin-1") * 20)
+  one_line_error(run_cli("prepare", "--input", tmp_path / "latin1.txt", "--out", tmp_path / "d"), "is not UTF-8 text")
+  assert not (tmp_path / "d").exists()
+
+
+def test_batch_that_the_mesh_does_not_divide(tmp_path, char_data):
+  from gptjax import train
+  from gptjax.errors import UserError
+  from conftest import tiny_config
+  with pytest.raises(UserError, match=r"train.batch_size=12 is not divisible by data\*fsdp=8"):
+    train.train(tiny_config(tmp_path, f"data.dir={char_data}", "train.batch_size=12"), progress_bar=False)
+  assert not any((tmp_path / "out").glob("checkpoints/*"))
+
+
+def test_a_loss_that_diverges_stops_training(tmp_path, char_data):
+  result = run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}",
+                   f"train.out_dir={tmp_path / 'out'}", "optim.learning_rate=1e9", "optim.min_lr=0",
+                   "optim.grad_clip=0", "train.log_interval=1", "--no-progress")
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("gptjax: error: loss became ")

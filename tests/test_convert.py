@@ -22,10 +22,11 @@ from gptjax import data
 from gptjax import evaluate
 from gptjax import model as model_lib
 from gptjax import sample
+from gptjax import steps
 from gptjax import tokenizer as tokenizer_lib
 from gptjax import train
 
-from conftest import digest, one_line_error, run_cli
+from conftest import digest, load_checkpoint, one_line_error, run_cli
 
 PROMPT = "It is a truth universally acknowledged, that a single man"
 
@@ -44,7 +45,7 @@ def _hf_logits(model, tokens):
 
 
 def _gptjax_logits(cfg, params, tokens):
-  return np.asarray(model_lib.GPT(cfg.model).apply({"params": params}, np.asarray(tokens, np.int32)))
+  return np.asarray(model_lib.bind(cfg.model, params)(np.asarray(tokens, np.int32)))
 
 
 def _convert(capsys, *args):
@@ -72,7 +73,7 @@ def small(tmp_path_factory):
 
 def test_logits_equal_transformers_small(small):
   model, _, imported = small
-  cfg, tok, params, step = sample.load_params(imported)
+  cfg, tok, params, step = load_checkpoint(imported)
   assert step == 0 and tok.to_meta() == {"kind": "gpt2"}
   tokens = np.random.default_rng(0).integers(0, 50257, size=(3, 64))  # the full context
   diff = np.abs(_gptjax_logits(cfg, params, tokens) - _hf_logits(model, tokens)).max()
@@ -82,7 +83,7 @@ def test_logits_equal_transformers_small(small):
 def test_logits_equal_transformers_gpt2_124m_shape(tmp_path):
   model = _hf_model(tmp_path / "hf")  # GPT2Config's defaults: GPT-2 small, 124M parameters
   convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "gptjax"))
-  cfg, _, params, _ = sample.load_params(tmp_path / "gptjax")
+  cfg, _, params, _ = load_checkpoint(tmp_path / "gptjax")
   assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
   assert model_lib.count_params(params) == sum(p.numel() for p in model.parameters()) == 124_439_808
   tokens = np.asarray([tokenizer_lib.GPT2Tokenizer().encode(PROMPT * 8)])
@@ -92,7 +93,7 @@ def test_logits_equal_transformers_gpt2_124m_shape(tmp_path):
 
 def test_greedy_generation_equals_transformers_generate(small):
   model, _, imported = small
-  cfg, tok, params, _ = sample.load_params(imported)
+  cfg, tok, params, _ = load_checkpoint(imported)
   prompt = np.asarray([tok.encode(PROMPT)])
   with torch.no_grad():
     expected = model.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=50,
@@ -129,7 +130,7 @@ def _transformers_sliding_window_nll(model, tokens, context, stride):
 
 def test_perplexity_equals_transformers_sliding_window(small, tmp_path):
   model, _, imported = small
-  cfg, tok, params, _ = sample.load_params(imported)
+  cfg, tok, params, _ = load_checkpoint(imported)
   text = data.read_text(data.BUILTIN_SHAKESPEARE)[:3000]
   tokens = np.asarray(tok.encode(text))
   expected_nll, expected_count = _transformers_sliding_window_nll(model, tokens, 64, 24)
@@ -153,13 +154,13 @@ def test_export_of_a_trained_run_loads_in_transformers_and_round_trips(tiny_run,
   out_dir, _ = tiny_run  # character-level: the tokenizer travels in config.json
   result = _convert(capsys, "export", out_dir, tmp_path / "hf")
   assert result.returncode == 0, result.stderr
-  cfg, tok, params, _ = sample.load_params(out_dir)
+  cfg, tok, params, _ = load_checkpoint(out_dir)
   exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
   tokens = np.asarray([tok.encode("ROMEO:\nWhat light through yonder")])
   assert np.abs(_gptjax_logits(cfg, params, tokens) - _hf_logits(exported, tokens)).max() <= 1e-4
 
   assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "again").returncode == 0
-  cfg_again, tok_again, params_again, _ = sample.load_params(tmp_path / "again")
+  cfg_again, tok_again, params_again, _ = load_checkpoint(tmp_path / "again")
   assert _params_equal(params_again, params)
   assert tok_again.to_meta() == tok.to_meta() and cfg_again.model == cfg.model
 
@@ -174,7 +175,7 @@ def test_export_of_an_import_round_trips_with_gpt2_tokenizer_files(small, tmp_pa
   assert hf_tokenizer(PROMPT)["input_ids"] == tokenizer_lib.GPT2Tokenizer().encode(PROMPT)
 
   assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "again").returncode == 0
-  assert _params_equal(sample.load_params(tmp_path / "again")[2], sample.load_params(imported)[2])
+  assert _params_equal(load_checkpoint(tmp_path / "again")[2], load_checkpoint(imported)[2])
 
 
 @pytest.mark.parametrize("layout", ["sharded safetensors", "pytorch_model.bin"])
@@ -188,7 +189,7 @@ def test_other_weight_files_import_like_model_safetensors(small, tmp_path, capsy
     torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")  # includes the tied lm_head
     model.config.to_json_file(tmp_path / "hf" / "config.json")
   assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "gptjax").returncode == 0
-  assert _params_equal(sample.load_params(tmp_path / "gptjax")[2], sample.load_params(imported)[2])
+  assert _params_equal(load_checkpoint(tmp_path / "gptjax")[2], load_checkpoint(imported)[2])
 
 
 def test_gpt2_tokenizer_ids_equal_hugging_face(tmp_path):
@@ -222,10 +223,10 @@ def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
 
   # Zero steps: the loss is the imported model's own, evaluated on the same batches.
   before, _ = train.train(config("zero", "train.max_iters=0"), progress_bar=False)
-  cfg, _, params, _ = sample.load_params(imported)
+  cfg, _, params, _ = load_checkpoint(imported)
   batches = data.TokenBatches(data.load_tokens(tmp_path / "data", "val"), batch_size=8,
                               block_size=cfg.model.block_size, seed=1337 + 2)
-  expected = np.mean([train.cross_entropy(_gptjax_logits(cfg, params, x[0]), y[0]) for x, y in
+  expected = np.mean([steps.cross_entropy(_gptjax_logits(cfg, params, x[0]), y[0]) for x, y in
                       (batches.batch(i) for i in range(2))])
   assert before["step"] == 0 and before["val_loss"] == pytest.approx(expected, rel=1e-5)
 

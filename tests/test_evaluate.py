@@ -1,4 +1,3 @@
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -31,7 +30,7 @@ def _reference_nll(params, tokens, stride):
   """Each window run on its own, unpadded; the scored tokens' NLL summed."""
   total, count = 0.0, 0
   for begin, end, first in evaluate.sliding_windows(len(tokens), CFG.block_size, stride):
-    logits = model_lib.GPT(CFG).apply({"params": params}, tokens[None, begin:end])[0]
+    logits = model_lib.bind(CFG, params)(tokens[None, begin:end])[0]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits[:-1], tokens[begin + 1:end])
     total += float(nll[first - begin - 1:].sum())
     count += end - first
@@ -40,7 +39,7 @@ def _reference_nll(params, tokens, stride):
 
 @pytest.mark.parametrize("stride", [16, 7])
 def test_perplexity_matches_window_by_window_computation(stride):
-  params = nn.meta.unbox(model_lib.init_params(CFG, jax.random.key(0)))
+  params = model_lib.init_params(CFG, jax.random.key(0))
   tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, 75).astype(np.int32)
   result = evaluate.perplexity(CFG, params, tokens, stride=stride, batch_size=3)
   nll, count = _reference_nll(params, tokens, stride)
@@ -50,7 +49,7 @@ def test_perplexity_matches_window_by_window_computation(stride):
 
 
 def test_more_context_never_hurts_much_and_bad_stride_is_an_error():
-  params = nn.meta.unbox(model_lib.init_params(CFG, jax.random.key(0)))
+  params = model_lib.init_params(CFG, jax.random.key(0))
   with pytest.raises(UserError, match="stride=17"):
     evaluate.perplexity(CFG, params, np.zeros(40, np.int32), stride=17)
   with pytest.raises(UserError, match="at least 2"):

@@ -1,78 +1,114 @@
-import flax.linen as nn
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from gptjax.config import ModelConfig
 from gptjax import model as model_lib
+from gptjax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
 
 def _params(cfg=CFG):
-  return nn.meta.unbox(model_lib.init_params(cfg, jax.random.key(0)))
+  return model_lib.init_params(cfg, jax.random.key(0))
+
+
+def _logits(cfg, params, tokens, **kwargs):
+  return model_lib.bind(cfg, params)(tokens, **kwargs)
 
 
 def test_changing_a_future_token_never_changes_earlier_logits():
   params = _params()
   tokens = jax.random.randint(jax.random.key(1), (2, CFG.block_size), 0, CFG.vocab_size)
-  logits = model_lib.GPT(CFG).apply({"params": params}, tokens)
+  logits = _logits(CFG, params, tokens)
   for t in (0, 5, CFG.block_size - 1):
     changed = tokens.at[:, t].set((tokens[:, t] + 1) % CFG.vocab_size)
-    changed_logits = model_lib.GPT(CFG).apply({"params": params}, changed)
+    changed_logits = _logits(CFG, params, changed)
     np.testing.assert_array_equal(logits[:, :t], changed_logits[:, :t])
     assert not np.allclose(logits[:, t:], changed_logits[:, t:])  # the change is seen from t on
 
 
-def test_parameter_names_follow_gpt2():
+def test_parameter_names_follow_gpt2_with_the_blocks_stacked():
   params = _params()
-  assert set(params) == {"wte", "wpe", "h_0", "h_1", "ln_f"}
-  block = jax.tree_util.tree_map_with_path(lambda path, x: x.shape, params["h_0"])
-  assert block["attn"]["c_attn"]["kernel"] == (32, 3, 4, 8)  # GPT-2's [embd, 3 * embd], heads split out
-  assert block["attn"]["c_proj"]["kernel"] == (4, 8, 32)
-  assert block["mlp"]["c_fc"]["kernel"] == (32, 128)
+  assert set(params) == {"wte", "wpe", "h", "ln_f"}
+  block = jax.tree.map(lambda x: x.shape, params["h"])
+  assert block["attn"]["c_attn"]["kernel"] == (2, 32, 3, 4, 8)  # [layer] + GPT-2's [embd, 3 * embd], heads split out
+  assert block["attn"]["c_proj"]["kernel"] == (2, 4, 8, 32)
+  assert block["mlp"]["c_fc"]["kernel"] == (2, 32, 128)
   assert set(block) == {"ln_1", "attn", "ln_2", "mlp"}
+  _, names = model_lib.abstract_params(CFG)
+  assert names["h"]["attn"]["c_attn"]["kernel"] == ("layers", "embed", None, "heads", "kv")
+  assert names["wte"]["embedding"] == ("vocab", "embed")
 
 
 def test_head_is_tied_to_token_embedding():
   params = _params()
-  x = jnp.zeros((1, 1), jnp.int32)
-  zeroed = jax.tree.map(lambda p: p, params)
-  zeroed["wte"] = {"embedding": jnp.zeros_like(params["wte"]["embedding"])}
-  logits = model_lib.GPT(CFG).apply({"params": zeroed}, x)
-  np.testing.assert_array_equal(logits, 0.0)  # no separate output matrix
+  zeroed = {**params, "wte": {"embedding": jnp.zeros_like(params["wte"]["embedding"])}}
+  np.testing.assert_array_equal(_logits(CFG, zeroed, jnp.zeros((1, 1), jnp.int32)), 0.0)  # no separate output matrix
 
 
-def test_decode_with_cache_matches_full_forward():
-  params = _params()
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_decode_with_the_models_cache_matches_full_forward(scan_layers):
+  cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+  params = _params(cfg)
   tokens = jax.random.randint(jax.random.key(2), (3, 12), 0, CFG.vocab_size)
-  full = model_lib.GPT(CFG).apply({"params": params}, tokens)
-  from gptjax.sample import empty_cache
-  cache = empty_cache(CFG, 3)
-  model = model_lib.GPT(CFG)
-  prefill, variables = model.apply({"params": params, "cache": cache}, tokens[:, :7], decode=True, mutable=["cache"])
+  model = model_lib.bind(cfg, params)
+  cache = model.init_cache(3)
+  assert cache.key.shape == (2, 3, CFG.block_size, 4, 8)  # [layer, batch, position, head, head_dim]
+  prefill, cache = model.decode(tokens[:, :7], cache)
   steps = [prefill]
   for t in range(7, 12):
-    logits, variables = model.apply({"params": params, **variables}, tokens[:, t:t + 1], decode=True, mutable=["cache"])
+    logits, cache = model.decode(tokens[:, t:t + 1], cache)
     steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+  assert int(cache.length) == 12
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), model(tokens), atol=1e-5)
 
 
-def test_remat_and_dropout_flags():
-  cfg = ModelConfig(**{**CFG.__dict__, "remat": True, "dropout": 0.5})
+def _loss_and_grads(cfg, params, tokens, dropout_key=None):
+  def loss(params):
+    return jnp.mean(_logits(cfg, params, tokens, dropout_key=dropout_key) ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_scan_and_remat_compute_the_same_loss_and_gradients(remat, scan_layers):
+  params = _params()
+  tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, CFG.vocab_size)
+  reference = _loss_and_grads(CFG, params, tokens)
+  other = _loss_and_grads(dataclasses.replace(CFG, remat=remat, scan_layers=scan_layers), params, tokens)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), other, reference)
+
+
+def test_dropout_needs_a_key_and_the_key_fixes_the_mask():
+  cfg = dataclasses.replace(CFG, dropout=0.5)
   params = _params(cfg)
   tokens = jnp.ones((2, 8), jnp.int32)
-  model = model_lib.GPT(cfg)
-  eval_logits = model.apply({"params": params}, tokens)
-  np.testing.assert_allclose(eval_logits, model_lib.GPT(CFG).apply({"params": params}, tokens), atol=1e-6)
-  train_logits = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(0)})
+  eval_logits = _logits(cfg, params, tokens)
+  np.testing.assert_allclose(eval_logits, _logits(CFG, params, tokens), atol=1e-6)  # no key: no dropout
+  train_logits = _logits(cfg, params, tokens, dropout_key=jax.random.key(0))
   assert not np.allclose(train_logits, eval_logits)
+  np.testing.assert_array_equal(train_logits, _logits(cfg, params, tokens, dropout_key=jax.random.key(0)))
+  unrolled = dataclasses.replace(cfg, scan_layers=False)  # the same masks, scanned or not
+  np.testing.assert_allclose(_logits(unrolled, params, tokens, dropout_key=jax.random.key(0)), train_logits, atol=1e-5)
+
+
+def test_flops_per_token_count_every_multiplying_parameter_but_not_positions():
+  # GPT-2 124M: 124,439,808 parameters, of which the position table is 1024 x 768.
+  gpt2 = ModelConfig()
+  assert model_lib.count_params(model_lib.abstract_params(gpt2)[0]) == 124_439_808
+  attention = 12 * 12 * 768 * 1024
+  assert model_lib.flops_per_token(gpt2) == 6 * (124_439_808 - 1024 * 768) + attention
+  wider = dataclasses.replace(gpt2, block_size=2048)  # a longer position table costs no FLOPs itself
+  assert model_lib.flops_per_token(wider) - model_lib.flops_per_token(gpt2) == attention
 
 
 def test_weight_decay_applies_to_matrices_only():
   from gptjax.optim import decay_mask
   mask = decay_mask(_params())
   assert mask["wte"]["embedding"] and mask["wpe"]["embedding"]
-  assert mask["h_0"]["attn"]["c_attn"]["kernel"] and mask["h_1"]["mlp"]["c_proj"]["kernel"]
-  assert not mask["h_0"]["attn"]["c_attn"]["bias"]  # rank 3, still a bias
-  assert not mask["h_0"]["ln_1"]["scale"] and not mask["ln_f"]["bias"]
+  assert mask["h"]["attn"]["c_attn"]["kernel"] and mask["h"]["mlp"]["c_proj"]["kernel"]
+  assert not mask["h"]["attn"]["c_attn"]["bias"]  # rank 4 when stacked, still a bias
+  assert not mask["h"]["ln_1"]["scale"] and not mask["ln_f"]["bias"]

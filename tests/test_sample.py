@@ -1,4 +1,3 @@
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +12,13 @@ CFG = ModelConfig(vocab_size=40, block_size=24, n_layer=2, n_head=2, n_embd=32)
 
 
 def _params(seed=0):
-  return nn.meta.unbox(model_lib.init_params(CFG, jax.random.key(seed)))
+  return model_lib.init_params(CFG, jax.random.key(seed))
 
 
 def _greedy_by_full_forward(params, prompt, n_new):
   """Reference: re-run the whole sequence for every new token, take the argmax. The sequence is
   padded to block_size (one compile); causality makes the padding invisible to earlier logits."""
-  forward = jax.jit(lambda tokens: model_lib.GPT(CFG).apply({"params": params}, tokens))
+  forward = jax.jit(lambda tokens: model_lib.bind(CFG, params)(tokens))
   tokens = np.zeros((prompt.shape[0], CFG.block_size), np.int32)
   tokens[:, :prompt.shape[1]] = prompt
   for t in range(prompt.shape[1], prompt.shape[1] + n_new):

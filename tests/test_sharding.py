@@ -2,6 +2,7 @@
 device, parameters placed as the rules say, checkpoints that move between meshes, two processes."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,11 +13,11 @@ import pytest
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gptjax import sample
+from gptjax import cli
 from gptjax import sharding
 from gptjax import train
 
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, load_checkpoint, one_line_error, run_cli, tiny_config
 
 # 8 heads so that tensor=8 splits them; the 77-character vocabulary divides no tensor size > 1.
 SHORT_RUN = ["model.n_head=8", "train.max_iters=4", "train.eval_interval=4", "train.checkpoint_interval=4",
@@ -54,9 +55,10 @@ def _assert_placed_by_rules(state, mesh):
   expected = _expected_specs(mesh[2])
   by_shape = {}
   for path, leaf in traverse_util.flatten_dict(state.params, sep="/").items():
-    name = path.split("/", 1)[1] if path.startswith("h_") else path
+    stacked = path.startswith("h/")  # the blocks' parameters have a leading layer axis, not split
+    spec = (None, *expected[path[2:]]) if stacked else expected[path]
     assert leaf.sharding.mesh.axis_sizes == mesh
-    assert leaf.sharding.is_equivalent_to(NamedSharding(leaf.sharding.mesh, P(*expected[name])), leaf.ndim), \
+    assert leaf.sharding.is_equivalent_to(NamedSharding(leaf.sharding.mesh, P(*spec)), leaf.ndim), \
         (path, leaf.sharding.spec)
     by_shape[leaf.shape] = leaf.sharding
   for leaf in jax.tree.leaves(state.opt_state):  # Adam's moments sit where their parameters do
@@ -123,6 +125,36 @@ def test_two_processes_train_like_one(tmp_path, char_data):
   # threads, can interleave mid-line, so look for gptjax's lines rather than for an empty stdout.)
   for gptjax_line in ("gptjax:", "memory per device", "step 4:", "done:"):
     assert gptjax_line in outputs[0][0] and gptjax_line not in outputs[1][0], gptjax_line
-  two_params = sample.load_params(str(tmp_path / "two"), "latest")[2]
+  two_params = load_checkpoint(str(tmp_path / "two"), "latest")[2]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5),
                jax.device_get(two_params), jax.device_get(one_state.params))
+
+
+def _in_process(capsys, *args):
+  """`gptjax ARGS` in this process, which has 8 simulated devices; returns its stdout."""
+  cli.main([*map(str, args)])
+  return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mesh", [["mesh.fsdp=8"], ["mesh.tensor=2", "mesh.data=4"]], ids=" ".join)
+def test_sample_and_perplexity_on_a_mesh_match_one_device(tiny_run, capsys, mesh):
+  out_dir, _ = tiny_run
+  for sample_args in (["--temperature", "0"], ["--temperature", "0.8", "--seed", "5"]):
+    args = ["sample", "--checkpoint", out_dir, "--prompt", "ROMEO:", "--num-samples", 3, "--max-new-tokens", 40,
+            *sample_args]
+    one_device = run_cli(*args)  # a subprocess sees this machine's one CPU device
+    assert one_device.returncode == 0, one_device.stderr
+    assert _in_process(capsys, *args, *mesh) == one_device.stdout
+
+  args = ["perplexity", "--checkpoint", out_dir, "--split", "val", "--batch-size", 6]
+  one_device = run_cli(*args)
+  assert one_device.returncode == 0, one_device.stderr
+  nll = [float(re.search(r"mean NLL ([\d.]+)", out).group(1)) for out in (one_device.stdout, _in_process(capsys, *args, *mesh))]
+  assert nll[1] == pytest.approx(nll[0], rel=1e-5), nll
+
+
+def test_inference_accepts_mesh_overrides_only(tiny_run):
+  out_dir, _ = tiny_run
+  one_line_error(run_cli("sample", "--checkpoint", out_dir, "model.n_layer=3"), "only mesh.* overrides apply here")
+  one_line_error(run_cli("perplexity", "--checkpoint", out_dir, "--split", "val", "mesh.fsdp=3"),
+                 "mesh axes [-1, 3, 1] do not divide the 1 devices")

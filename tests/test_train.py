@@ -1,14 +1,13 @@
 import jax
 import numpy as np
 
-from gptjax import sample
 from gptjax import train
 
-from conftest import tiny_config
+from conftest import load_checkpoint, tiny_config
 
 
 def _final_params(out_dir):
-  return jax.device_get(sample.load_params(str(out_dir), "latest")[2])
+  return jax.device_get(load_checkpoint(str(out_dir), "latest")[2])
 
 
 def test_training_lowers_the_loss(tmp_path, char_data):

@@ -1,0 +1,80 @@
+"""Periodic work hung on the training loop. A hook runs every N steps (for any of its intervals)
+and at the last step; the loop calls `run` after each step, in the order the hooks are listed.
+
+The standard hooks log the step's metrics, evaluate both splits, and save a checkpoint. Later
+work (metrics writers, preemption checks, profiling) hangs on here the same way.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import numpy as np
+
+from gptjax import checkpoint
+from gptjax import data
+from gptjax import metrics as metrics_lib
+from gptjax.config import Config
+from gptjax.errors import UserError
+from gptjax.steps import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  fn: Callable[[int, TrainState, dict], None]  # (step done, state, the step's metrics on device)
+  every: tuple[int, ...]
+
+  def due(self, step: int, last_step: int) -> bool:
+    return step == last_step or any(step % n == 0 for n in self.every)
+
+
+def run(hooks: list[Hook], step: int, last_step: int, state: TrainState, step_metrics: dict) -> None:
+  for hook in hooks:
+    if hook.due(step, last_step):
+      hook.fn(step, state, step_metrics)
+
+
+class LogMetrics:
+  """A line with loss, learning rate, gradient norm, tokens/s and MFU (waits for the step)."""
+
+  def __init__(self, log: Callable[[str], None], throughput: metrics_lib.Throughput, bar):
+    self.log, self.throughput, self.bar = log, throughput, bar
+
+  def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
+    values = jax.device_get(step_metrics)  # waits for the step: the timing below is honest
+    tokens_per_s, mfu = self.throughput.measure(step)
+    self.log(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, grad norm "
+             f"{values['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, MFU {mfu}")
+    self.bar.set_postfix(loss=f"{values['loss']:.4f}")
+    if not np.isfinite(values["loss"]):
+      raise UserError(f"loss became {values['loss']} at step {step}; lower optim.learning_rate")
+
+
+class Evaluate:
+  """The mean loss of `eval_iters` fixed batches of each split; `latest` keeps the last result."""
+
+  def __init__(self, estimate: Callable[[dict], dict], log: Callable[[str], None],
+               throughput: metrics_lib.Throughput):
+    self.estimate, self.log, self.throughput = estimate, log, throughput
+    self.latest: dict = {}
+
+  def __call__(self, step: int, state: TrainState, step_metrics: dict | None = None) -> None:
+    self.latest = {"step": step, **self.estimate(state.params)}
+    self.log(f"step {step}: train loss {self.latest['train_loss']:.4f}, val loss {self.latest['val_loss']:.4f}")
+    self.throughput.reset(step)
+
+
+class SaveCheckpoint:
+  """An asynchronous checkpoint with the latest evaluation's validation loss (to keep the best)."""
+
+  def __init__(self, manager, evaluation: Evaluate, batches: data.TokenBatches, cfg: Config,
+               tokenizer: dict, throughput: metrics_lib.Throughput):
+    self.manager, self.evaluation, self.batches = manager, evaluation, batches
+    self.cfg, self.tokenizer, self.throughput = cfg, tokenizer, throughput
+
+  def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
+    assert self.evaluation.latest.get("step") == step, "evaluate before saving"
+    checkpoint.save(self.manager, step, params=state.params, opt_state=state.opt_state,
+                    progress={"step": step, "data": self.batches.state()}, config=self.cfg,
+                    tokenizer=self.tokenizer, val_loss=self.evaluation.latest["val_loss"])
+    self.throughput.reset(step)

@@ -1,0 +1,58 @@
+"""What training reports about itself: throughput, MFU and memory per device."""
+
+import time
+
+import jax
+
+from gptjax import config as config_lib
+from gptjax import model as model_lib
+from gptjax import sharding
+
+# Dense bf16 peak FLOP/s per chip, matched against jax.Device.device_kind, for MFU.
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops_per_device(cfg: config_lib.TrainConfig) -> float:
+  if cfg.peak_flops_per_device > 0:
+    return cfg.peak_flops_per_device
+  kind = jax.devices()[0].device_kind
+  return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), 0.0)
+
+
+class Throughput:
+  """Tokens/s and MFU over the steps since the last `reset` (or measurement)."""
+
+  def __init__(self, cfg: config_lib.Config, step: int):
+    self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+    self.flops_per_step = model_lib.flops_per_token(cfg.model) * self.tokens_per_step
+    self.peak = peak_flops_per_device(cfg.train) * jax.device_count()
+    self.reset(step)
+
+  def reset(self, step: int) -> None:
+    """Start counting afresh: what ran since (evaluation, saving) is not training throughput."""
+    self.since_time, self.since_step = time.perf_counter(), step
+
+  def measure(self, step: int) -> tuple[float, str]:
+    """(tokens/s, MFU as text) since the last call; the caller has waited for `step` to finish."""
+    now = time.perf_counter()
+    steps_per_s = (step - self.since_step) / (now - self.since_time)
+    self.since_time, self.since_step = now, step
+    mfu = f"{100 * self.flops_per_step * steps_per_s / self.peak:.1f}%" if self.peak else "n/a"
+    return self.tokens_per_step * steps_per_s, mfu
+
+
+def memory_report(abstract, shardings, compiled_step) -> str:
+  """Bytes per device: parameters and optimizer state from their shardings; gradients and
+  activations from XLA's buffer assignment for the compiled step (its temporaries)."""
+  params = sharding.bytes_per_device(abstract.params, shardings.params)
+  opt_state = sharding.bytes_per_device(abstract.opt_state, shardings.opt_state)
+  analysis = compiled_step.memory_analysis()
+  temporaries = analysis.temp_size_in_bytes if analysis is not None else 0
+  limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  total = params + opt_state + temporaries
+  return (f"memory per device: parameters {params / 2**20:,.1f} MiB, optimizer state {opt_state / 2**20:,.1f} MiB, "
+          f"gradients and activations {temporaries / 2**20:,.1f} MiB (XLA), total {total / 2**20:,.1f} MiB"
+          + (f" of {limit / 2**20:,.0f} MiB" if limit else ""))

@@ -1,0 +1,53 @@
+"""The GPT model in Flax NNX, one file per building block (attention, MLP, the transformer), and
+the functions the rest of gptjax uses to make, count and run it on plain parameter trees.
+
+Parameters travel as a pure dict of arrays (what Optax updates and Orbax saves); inside a jitted
+function `bind` merges them with the model's static graph, so no step pays a Python graph
+traversal beyond its trace.
+"""
+
+import functools
+
+import jax
+from flax import nnx
+
+from gptjax.config import ModelConfig
+from gptjax.model.layers import logical_axes
+from gptjax.model.transformer import GPT, KVCache
+
+__all__ = ["GPT", "KVCache", "init_params", "abstract_params", "bind", "count_params", "flops_per_token"]
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+  """Freshly initialised parameters, a pure dict of arrays."""
+  return nnx.to_pure_dict(nnx.state(GPT(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
+
+
+@functools.cache
+def _abstract(cfg: ModelConfig):
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+  return graphdef, nnx.to_pure_dict(state), logical_axes(state)
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[dict, dict]:
+  """(ShapeDtypeStructs, logical axis names) of the parameters, as pure dicts; no memory used."""
+  _, shapes, names = _abstract(cfg)
+  return shapes, names
+
+
+def bind(cfg: ModelConfig, params: dict) -> GPT:
+  """The model with `params` (arrays or tracers) in place, for calling inside a jitted function."""
+  return nnx.merge(_abstract(cfg)[0], params)
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+  """Training FLOPs per token as PaLM (appendix B) and nanoGPT count them: 6 per parameter that
+  multiplies (every one but the position table, which is only added) plus 12 * n_layer * n_embd *
+  block_size for the attention scores and their weighted sum. Recomputation is not counted."""
+  n_params = count_params(abstract_params(cfg)[0])
+  position_table = cfg.block_size * cfg.n_embd
+  return 6 * (n_params - position_table) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size

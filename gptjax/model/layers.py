@@ -1,0 +1,36 @@
+"""What every layer shares: the compute dtype and parameters named by logical axes.
+
+A parameter's logical axis names (vocab, embed, heads, kv, mlp, and layers for the stacked
+blocks) are kept as NNX metadata (`out_sharding`). `gptjax.sharding` maps the names onto the
+device mesh with one rules table and places the arrays itself, so NNX's own eager placement
+is switched off.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax.config import ModelConfig
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+  if cfg.dtype == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return jnp.dtype(cfg.dtype)
+
+
+def axes(*names: str | None) -> dict:
+  """NNX parameter metadata naming each dimension's logical axis."""
+  return {"out_sharding": names, "eager_sharding": False}
+
+
+def logical_axes(state: nnx.State):
+  """The logical axis names of every parameter in `state`, as a pure dict of tuples."""
+  return nnx.to_pure_dict(jax.tree.map(
+      lambda v: v.replace(v.get_metadata().get("out_sharding")), state,
+      is_leaf=lambda v: isinstance(v, nnx.Variable)))
+
+
+def layer_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, dtype=compute_dtype(cfg),
+                       scale_metadata=axes("embed"), bias_metadata=axes("embed"), rngs=rngs)

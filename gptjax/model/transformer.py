@@ -1,0 +1,125 @@
+"""The GPT-2 decoder: token and learned position embeddings, a stack of pre-LayerNorm blocks, a
+final LayerNorm and an LM head tied to the token embedding.
+
+Parameter names follow GPT-2 (wte, wpe, h/{ln_1, attn/{c_attn, c_proj}, ln_2, mlp/{c_fc, c_proj}},
+ln_f), with one difference: the blocks' parameters are stacked, h/... [n_layer, ...], and the stack
+runs as one `lax.scan` (`model.scan_layers`, compile time independent of depth) or as a Python
+loop over the same stacked arrays; the layout, and so every checkpoint, is the same either way.
+
+The model owns its inference state: `init_cache` makes the key/value cache and `decode` extends it.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax import struct
+
+from gptjax import sharding
+from gptjax.config import ModelConfig
+from gptjax.model.attention import KV, CausalSelfAttention
+from gptjax.model.layers import axes, compute_dtype, layer_norm
+from gptjax.model.mlp import MLP
+
+RESIDUAL_AXES = ("batch", "sequence", "embed")  # the residual stream [B, T, embd]
+CACHE_AXES = ("layers", "batch", "sequence", "heads", "kv")  # the cache [n_layer, B, S, heads, head_dim]
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls, not attention scores
+}
+
+
+@struct.dataclass
+class KVCache:
+  """Keys and values of every layer [n_layer, B, block_size, heads, head_dim]; `length` positions filled."""
+  key: jax.Array
+  value: jax.Array
+  length: jax.Array  # int32 []
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.ln_1 = layer_norm(cfg, rngs=rngs)
+    self.attn = CausalSelfAttention(cfg, rngs=rngs)
+    self.ln_2 = layer_norm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, kv: KV | None, start, dropout_key: jax.Array | None):
+    attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    h_BTD, kv = self.attn(self.ln_1(x_BTD), kv, start, attn_key)
+    x_BTD = x_BTD + h_BTD
+    x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), mlp_key)
+    return sharding.constrain(x_BTD, RESIDUAL_AXES), kv
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """n_layer Blocks as one, every parameter with a leading "layers" axis."""
+
+  @nnx.split_rngs(splits=cfg.n_layer)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return Block(cfg, rngs=rngs)
+
+  return make(rngs)
+
+
+class GPT(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype = compute_dtype(cfg)
+    self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
+                         embedding_metadata=axes("vocab", "embed"), rngs=rngs)
+    self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
+                         embedding_metadata=axes(None, "embed"), rngs=rngs)
+    self.h = _stacked_blocks(cfg, rngs)
+    self.ln_f = layer_norm(cfg, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, tokens_BT, *, dropout_key: jax.Array | None = None):
+    """tokens: int [B, T] -> logits float32 [B, T, vocab]. Dropout only when given a key."""
+    logits_BTV, _ = self._forward(tokens_BT, None, 0, dropout_key)
+    return logits_BTV
+
+  def init_cache(self, batch: int) -> KVCache:
+    cfg = self.cfg
+    shape = (cfg.n_layer, batch, cfg.block_size, cfg.n_head, cfg.n_embd // cfg.n_head)
+    empty = sharding.constrain(jnp.zeros(shape, compute_dtype(cfg)), CACHE_AXES)
+    return KVCache(empty, empty, jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens_BT, cache: KVCache):
+    """tokens [B, T] continue the cached sequence -> (logits [B, T, vocab], the extended cache)."""
+    logits_BTV, (key, value) = self._forward(tokens_BT, (cache.key, cache.value), cache.length, None)
+    return logits_BTV, KVCache(key, value, cache.length + tokens_BT.shape[1])
+
+  def _forward(self, tokens_BT, kv, start, dropout_key):
+    cfg = self.cfg
+    embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    table_VD = sharding.constrain(self.wte.embedding[...], ("vocab", None))  # gathered over fsdp for the lookup
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(compute_dtype(cfg))
+    x_BTD = x_BTD + self.wpe(start + jnp.arange(tokens_BT.shape[1]))[None]
+    x_BTD = self.dropout(x_BTD, deterministic=embed_key is None, rngs=embed_key)
+    x_BTD = sharding.constrain(x_BTD, RESIDUAL_AXES)
+    layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.n_layer)
+    x_BTD, kv = self._blocks(x_BTD, kv, start, layer_keys)
+    logits_BTV = self.wte.attend(self.ln_f(x_BTD)).astype(jnp.float32)  # the head is tied to wte
+    return sharding.constrain(logits_BTV, ("batch", "sequence", "vocab")), kv
+
+  def _blocks(self, x_BTD, kv, start, layer_keys):
+    """Runs the stacked blocks in order; kv and layer_keys (or None) have a leading layer axis."""
+    graphdef, stacked = nnx.split(self.h)
+
+    def layer(x_BTD, per_layer):
+      params, layer_kv, key = per_layer
+      return nnx.merge(graphdef, params)(x_BTD, layer_kv, start, key)
+
+    if self.cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+    if self.cfg.scan_layers:
+      return jax.lax.scan(layer, x_BTD, (stacked, kv, layer_keys))
+    new_kv = []
+    for i in range(self.cfg.n_layer):
+      x_BTD, layer_kv = layer(x_BTD, jax.tree.map(lambda a: a[i], (stacked, kv, layer_keys)))
+      new_kv.append(layer_kv)
+    return x_BTD, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv)

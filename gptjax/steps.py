@@ -1,0 +1,121 @@
+"""The train and eval steps, compiled ahead of time over a device mesh, and the state they carry.
+
+The train step is one `jax.jit` with the state's shardings in and out (donated): gradients are
+averaged over the micro-batches of a batch [accum, batch, block] by a `lax.scan` inside it, then
+Optax updates the parameters. Both steps are traced under `jax.set_mesh`, so that the model's
+activation constraints bind.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from gptjax import config as config_lib
+from gptjax import model as model_lib
+from gptjax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # a pure dict of arrays
+  opt_state: Any
+
+
+def cross_entropy(logits, targets):
+  """Mean next-token cross-entropy. logits: [B, T, V] float32, targets: int [B, T]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, schedule, seed: int):
+  def loss_fn(params, inputs, targets, dropout_key):
+    return cross_entropy(model_lib.bind(cfg, params)(inputs, dropout_key=dropout_key), targets)
+
+  def train_step(state: TrainState, inputs, targets):
+    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def micro_step(grad_sum, micro):
+      index, micro_inputs, micro_targets = micro
+      dropout_key = jax.random.fold_in(step_key, index) if cfg.dropout > 0 else None
+      loss, grads = jax.value_and_grad(loss_fn)(state.params, micro_inputs, micro_targets, dropout_key)
+      return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    accum = inputs.shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grad_sum, losses = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), inputs, targets))
+    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+    metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(cfg: config_lib.ModelConfig):
+  def eval_step(params, inputs, targets):  # inputs, targets: [1, batch, block]
+    return cross_entropy(model_lib.bind(cfg, params)(inputs[0]), targets[0])
+
+  return eval_step
+
+
+def state_shardings(cfg: config_lib.ModelConfig, tx, mesh) -> tuple[TrainState, TrainState]:
+  """(abstract TrainState: ShapeDtypeStructs carrying their shardings, the shardings) by the rules."""
+  shapes, names = model_lib.abstract_params(cfg)
+  param_shardings = sharding.param_shardings(shapes, names, mesh)
+  abstract_opt = jax.eval_shape(tx.init, shapes)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings)
+  abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), shapes, abstract_opt)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return abstract, shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The compiled steps and the state layout they were compiled for."""
+  train: Callable  # (TrainState, inputs, targets) -> (TrainState, metrics)
+  eval: Callable  # (params, inputs, targets) -> mean loss
+  abstract: TrainState  # ShapeDtypeStructs with shardings: the restore target
+  shardings: TrainState
+
+
+def compile_steps(cfg: config_lib.Config, tx, schedule, mesh) -> Steps:
+  abstract, shardings = state_shardings(cfg.model, tx, mesh)
+  batches = sharding.batch_sharding(mesh)
+
+  def batch_spec(accum):
+    return jax.ShapeDtypeStruct((accum, cfg.train.batch_size, cfg.model.block_size), jnp.int32, sharding=batches)
+
+  with jax.set_mesh(mesh):
+    train_step = jax.jit(
+        make_train_step(cfg.model, tx, schedule, cfg.train.seed),
+        in_shardings=(shardings, batches, batches), out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    ).lower(abstract, batch_spec(cfg.train.grad_accum_steps), batch_spec(cfg.train.grad_accum_steps)).compile()
+    eval_step = jax.jit(
+        make_eval_step(cfg.model), in_shardings=(shardings.params, batches, batches),
+        out_shardings=sharding.replicated(mesh),
+    ).lower(abstract.params, batch_spec(1), batch_spec(1)).compile()
+  return Steps(train_step, eval_step, abstract, shardings)
+
+
+def init_state(cfg: config_lib.ModelConfig, tx, shardings: TrainState, seed: int) -> TrainState:
+  """A freshly initialised model and optimizer, created directly in their shardings."""
+  def init(key):
+    params = model_lib.init_params(cfg, key)
+    return TrainState(jnp.int32(0), params, tx.init(params))
+
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def start_from(params, tx, shardings: TrainState) -> TrainState:
+  """Step 0 with given parameters (fine-tuning) and a fresh optimizer."""
+  return jax.jit(lambda params: TrainState(jnp.int32(0), params, tx.init(params)),
+                 out_shardings=shardings, donate_argnums=0)(params)
