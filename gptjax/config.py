@@ -33,7 +33,9 @@ class ModelConfig:
   layer_norm_epsilon: float = 1e-5
   dtype: str = "auto"  # compute dtype: auto (bfloat16 on accelerators, float32 on CPU), float32, bfloat16
   remat: str = "none"  # what each block recomputes in the backward pass: none, full, save_dots
-  scan_layers: bool = True  # the blocks as one lax.scan over stacked parameters (compile time flat in depth)
+  # The blocks as one lax.scan over their stacked parameters: compile time flat in depth (48 layers
+  # compile 7x faster), but steps 12-22% slower on CPU than a loop (benchmarks/RESULTS.md).
+  scan_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,6 +73,23 @@ def resolve_run(cfg: config_lib.Config, manager, resume: bool, meta: dict) -> tu
   return cfg, None, None
 
 
+def initial_state(cfg: config_lib.Config, steps: steps_lib.Steps, tx, manager, resume_step: int | None,
+                  source_step: int | None, train_batches: data.TokenBatches) -> TrainState:
+  """The state to start from, placed as `steps` expects: resumed (with the data position),
+  fine-tuned from train.init_from's weights with a fresh optimizer, or freshly initialised."""
+  if resume_step is not None:
+    params, opt_state, progress = checkpoint.restore_train_state(
+        manager, resume_step, steps.abstract.params, steps.abstract.opt_state)
+    train_batches.restore(progress["data"])
+    return TrainState(jax.device_put(np.int32(progress["step"]), steps.shardings.step), params, opt_state)
+  if source_step is not None:
+    source = checkpoint.open_manager(cfg.train.init_from, create=False)
+    params = checkpoint.restore_params(source, source_step, steps.abstract.params)
+    source.close()
+    return steps_lib.start_from(params, tx, steps.shardings)
+  return steps_lib.init_state(cfg.model, tx, steps.shardings, cfg.train.seed)
+
+
 def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = True,
           devices=None) -> tuple[dict, TrainState]:
   """Trains as `cfg` says; returns the final {"step", "train_loss", "val_loss"} and TrainState.
@@ -98,18 +115,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
 
   tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
   steps = steps_lib.compile_steps(cfg, tx, schedule, mesh)
-  if resume_step is not None:
-    params, opt_state, progress = checkpoint.restore_train_state(
-        manager, resume_step, steps.abstract.params, steps.abstract.opt_state)
-    state = TrainState(jax.device_put(np.int32(progress["step"]), steps.shardings.step), params, opt_state)
-    train_batches.restore(progress["data"])
-  elif source_step is not None:  # fine-tuning: the source's weights, a fresh optimizer, step 0
-    source = checkpoint.open_manager(t.init_from, create=False)
-    state = steps_lib.start_from(checkpoint.restore_params(source, source_step, steps.abstract.params),
-                                 tx, steps.shardings)
-    source.close()
-  else:
-    state = steps_lib.init_state(cfg.model, tx, steps.shardings, t.seed)
+  state = initial_state(cfg, steps, tx, manager, resume_step, source_step, train_batches)
 
   def estimate_losses(params) -> dict:
     losses = {}

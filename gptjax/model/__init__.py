@@ -12,8 +12,9 @@ import jax
 from flax import nnx
 
 from gptjax.config import ModelConfig
+from gptjax.model.attention import KVCache
 from gptjax.model.layers import logical_axes
-from gptjax.model.transformer import GPT, KVCache
+from gptjax.model.transformer import GPT
 
 __all__ = ["GPT", "KVCache", "init_params", "abstract_params", "bind", "count_params", "flops_per_token"]
 

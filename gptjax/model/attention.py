@@ -11,13 +11,20 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax import struct
 
 from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model.layers import axes, compute_dtype
 
-# One layer's cache: keys and values [B, S, heads, head_dim] for S = block_size positions.
-KV = tuple[jax.Array, jax.Array]
+
+@struct.dataclass
+class KVCache:
+  """Keys and values of every layer [n_layer, B, block_size, heads, head_dim], of which the first
+  `length` positions are filled. Each layer writes its own slice in place."""
+  key: jax.Array
+  value: jax.Array
+  length: jax.Array  # int32 []
 
 
 class CausalSelfAttention(nnx.Module):
@@ -35,20 +42,22 @@ class CausalSelfAttention(nnx.Module):
         kernel_metadata=axes("heads", "kv", "embed"), bias_metadata=axes("embed"), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, x_BTD, kv: KV | None, start, dropout_key: jax.Array | None):
-    """-> (output [B, T, embd], the cache with this call's keys and values written at
-    positions [start, start + T), or None without a cache)."""
+  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None):
+    """-> (output [B, T, embd], the cache with this call's keys and values written into layer
+    `layer` at positions [length, length + T); None without a cache)."""
     qkv_BT3HK = sharding.constrain(self.c_attn(x_BTD), ("batch", "sequence", None, "heads", "kv"))
     q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
-    if kv is None:
+    if cache is None:
       y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
     else:
+      at = (layer, 0, cache.length, 0, 0)
+      cache = cache.replace(key=jax.lax.dynamic_update_slice(cache.key, k_BTHK[None].astype(cache.key.dtype), at),
+                            value=jax.lax.dynamic_update_slice(cache.value, v_BTHK[None].astype(cache.value.dtype), at))
+      k_BSHK = jax.lax.dynamic_index_in_dim(cache.key, layer, keepdims=False)
+      v_BSHK = jax.lax.dynamic_index_in_dim(cache.value, layer, keepdims=False)
       # Attend over the whole cache; keys past each query's position (unwritten ones too) are masked.
-      cached_k_BSHK = jax.lax.dynamic_update_slice(kv[0], k_BTHK.astype(kv[0].dtype), (0, start, 0, 0))
-      cached_v_BSHK = jax.lax.dynamic_update_slice(kv[1], v_BTHK.astype(kv[1].dtype), (0, start, 0, 0))
-      query_pos_T = start + jnp.arange(x_BTD.shape[1])
-      mask_TS = jnp.arange(cached_k_BSHK.shape[1])[None, :] <= query_pos_T[:, None]
-      y_BTHK = jax.nn.dot_product_attention(q_BTHK, cached_k_BSHK, cached_v_BSHK, mask=mask_TS[None, None])
-      kv = (cached_k_BSHK, cached_v_BSHK)
+      query_pos_T = cache.length + jnp.arange(x_BTD.shape[1])
+      mask_TS = jnp.arange(k_BSHK.shape[1])[None, :] <= query_pos_T[:, None]
+      y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_TS[None, None])
     y_BTD = self.c_proj(y_BTHK)
-    return self.dropout(y_BTD, deterministic=dropout_key is None, rngs=dropout_key), kv
+    return self.dropout(y_BTD, deterministic=dropout_key is None, rngs=dropout_key), cache

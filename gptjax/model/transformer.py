@@ -2,9 +2,10 @@
 final LayerNorm and an LM head tied to the token embedding.
 
 Parameter names follow GPT-2 (wte, wpe, h/{ln_1, attn/{c_attn, c_proj}, ln_2, mlp/{c_fc, c_proj}},
-ln_f), with one difference: the blocks' parameters are stacked, h/... [n_layer, ...], and the stack
-runs as one `lax.scan` (`model.scan_layers`, compile time independent of depth) or as a Python
-loop over the same stacked arrays; the layout, and so every checkpoint, is the same either way.
+ln_f), with one difference: the blocks' parameters are stacked, h/... [n_layer, ...]. The stack
+runs as one `lax.scan` (`model.scan_layers`: compile time independent of depth) or as a Python
+loop over the same stacked arrays (faster steps on CPU); the layout, and so every checkpoint, is
+the same either way.
 
 The model owns its inference state: `init_cache` makes the key/value cache and `decode` extends it.
 """
@@ -12,11 +13,10 @@ The model owns its inference state: `init_cache` makes the key/value cache and `
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax import struct
 
 from gptjax import sharding
 from gptjax.config import ModelConfig
-from gptjax.model.attention import KV, CausalSelfAttention
+from gptjax.model.attention import CausalSelfAttention, KVCache
 from gptjax.model.layers import axes, compute_dtype, layer_norm
 from gptjax.model.mlp import MLP
 
@@ -29,14 +29,6 @@ REMAT_POLICIES = {
 }
 
 
-@struct.dataclass
-class KVCache:
-  """Keys and values of every layer [n_layer, B, block_size, heads, head_dim]; `length` positions filled."""
-  key: jax.Array
-  value: jax.Array
-  length: jax.Array  # int32 []
-
-
 class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -45,12 +37,12 @@ class Block(nnx.Module):
     self.ln_2 = layer_norm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, kv: KV | None, start, dropout_key: jax.Array | None):
+  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None):
     attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    h_BTD, kv = self.attn(self.ln_1(x_BTD), kv, start, attn_key)
+    h_BTD, cache = self.attn(self.ln_1(x_BTD), cache, layer, attn_key)
     x_BTD = x_BTD + h_BTD
     x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), mlp_key)
-    return sharding.constrain(x_BTD, RESIDUAL_AXES), kv
+    return sharding.constrain(x_BTD, RESIDUAL_AXES), cache
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -79,7 +71,7 @@ class GPT(nnx.Module):
 
   def __call__(self, tokens_BT, *, dropout_key: jax.Array | None = None):
     """tokens: int [B, T] -> logits float32 [B, T, vocab]. Dropout only when given a key."""
-    logits_BTV, _ = self._forward(tokens_BT, None, 0, dropout_key)
+    logits_BTV, _ = self._forward(tokens_BT, None, dropout_key)
     return logits_BTV
 
   def init_cache(self, batch: int) -> KVCache:
@@ -90,11 +82,12 @@ class GPT(nnx.Module):
 
   def decode(self, tokens_BT, cache: KVCache):
     """tokens [B, T] continue the cached sequence -> (logits [B, T, vocab], the extended cache)."""
-    logits_BTV, (key, value) = self._forward(tokens_BT, (cache.key, cache.value), cache.length, None)
-    return logits_BTV, KVCache(key, value, cache.length + tokens_BT.shape[1])
+    logits_BTV, cache = self._forward(tokens_BT, cache, None)
+    return logits_BTV, cache.replace(length=cache.length + tokens_BT.shape[1])
 
-  def _forward(self, tokens_BT, kv, start, dropout_key):
+  def _forward(self, tokens_BT, cache: KVCache | None, dropout_key):
     cfg = self.cfg
+    start = 0 if cache is None else cache.length
     embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     table_VD = sharding.constrain(self.wte.embedding[...], ("vocab", None))  # gathered over fsdp for the lookup
     x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(compute_dtype(cfg))
@@ -102,24 +95,30 @@ class GPT(nnx.Module):
     x_BTD = self.dropout(x_BTD, deterministic=embed_key is None, rngs=embed_key)
     x_BTD = sharding.constrain(x_BTD, RESIDUAL_AXES)
     layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.n_layer)
-    x_BTD, kv = self._blocks(x_BTD, kv, start, layer_keys)
+    x_BTD, cache = self._blocks(x_BTD, cache, layer_keys)
     logits_BTV = self.wte.attend(self.ln_f(x_BTD)).astype(jnp.float32)  # the head is tied to wte
-    return sharding.constrain(logits_BTV, ("batch", "sequence", "vocab")), kv
+    return sharding.constrain(logits_BTV, ("batch", "sequence", "vocab")), cache
 
-  def _blocks(self, x_BTD, kv, start, layer_keys):
-    """Runs the stacked blocks in order; kv and layer_keys (or None) have a leading layer axis."""
+  def _blocks(self, x_BTD, cache: KVCache | None, layer_keys):
+    """Runs the stacked blocks in order; layer_keys (or None) has a leading layer axis. The cache
+    travels whole from layer to layer, each writing its own slice."""
     graphdef, stacked = nnx.split(self.h)
 
-    def layer(x_BTD, per_layer):
-      params, layer_kv, key = per_layer
-      return nnx.merge(graphdef, params)(x_BTD, layer_kv, start, key)
+    def layer(carry, per_layer):
+      params, index, key = per_layer
+      return nnx.merge(graphdef, params)(*carry, index, key), None
 
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-    if self.cfg.scan_layers:
-      return jax.lax.scan(layer, x_BTD, (stacked, kv, layer_keys))
-    new_kv = []
+    # Decoding always scans: unrolled, XLA copies every layer's weights out of the stacked
+    # arrays for each new token (half the sampling speed on CPU, benchmarks/RESULTS.md).
+    if self.cfg.scan_layers or cache is not None:
+      return jax.lax.scan(layer, (x_BTD, cache), (stacked, jnp.arange(self.cfg.n_layer), layer_keys))[0]
+    # Unrolled: unstack each array once (its gradient is one stack, not n_layer padded slices).
+    leaves, treedef = jax.tree.flatten((stacked, layer_keys))
+    unstacked = [jnp.unstack(leaf) for leaf in leaves]
+    carry = (x_BTD, cache)
     for i in range(self.cfg.n_layer):
-      x_BTD, layer_kv = layer(x_BTD, jax.tree.map(lambda a: a[i], (stacked, kv, layer_keys)))
-      new_kv.append(layer_kv)
-    return x_BTD, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
+      params, key = treedef.unflatten([layers[i] for layers in unstacked])
+      carry, _ = layer(carry, (params, i, key))
+    return carry
