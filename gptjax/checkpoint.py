@@ -32,6 +32,13 @@ def checkpoint_dir(out_dir: str) -> pathlib.Path:
   return pathlib.Path(out_dir).absolute() / "checkpoints"
 
 
+def create_dir(out_dir: str) -> None:
+  try:
+    checkpoint_dir(out_dir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create {checkpoint_dir(out_dir)}: {e.strerror}") from None
+
+
 def open_manager(out_dir: str, *, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=keep),
@@ -103,7 +110,10 @@ def check_format(manager: ocp.CheckpointManager, step: int) -> None:
   step_dir = pathlib.Path(manager.directory) / str(step)
   version = 1
   if (step_dir / "format").is_dir():
-    version = manager.restore(step, args=ocp.args.Composite(format=ocp.args.JsonRestore())).format["version"]
+    try:
+      version = manager.restore(step, args=ocp.args.Composite(format=ocp.args.JsonRestore())).format["version"]
+    except Exception as e:  # Orbax raises many types for a damaged item
+      raise UserError(f"{step_dir}/format is unreadable ({type(e).__name__}); the checkpoint is damaged") from None
   if version != FORMAT_VERSION:
     raise UserError(
         f"{step_dir} is a checkpoint of layout {version}, this gptjax reads layout {FORMAT_VERSION}"

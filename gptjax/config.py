@@ -34,7 +34,7 @@ class ModelConfig:
   dtype: str = "auto"  # compute dtype: auto (bfloat16 on accelerators, float32 on CPU), float32, bfloat16
   remat: str = "none"  # what each block recomputes in the backward pass: none, full, save_dots
   # The blocks as one lax.scan over their stacked parameters: compile time flat in depth (48 layers
-  # compile 7x faster), but steps 12-22% slower on CPU than a loop (benchmarks/RESULTS.md).
+  # compile 6x faster), but a loop over them trains 17-31% faster on CPU (benchmarks/RESULTS.md).
   scan_layers: bool = False
 
 
@@ -153,7 +153,8 @@ def validate(cfg: Config) -> Config:
       (min(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) > 0, "model sizes must be positive"),
       (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} is not in [0, 1)"),
       (m.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={m.dtype!r} is not auto, float32 or bfloat16"),
-      (m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}"),
+      (m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)} "
+                                  "(what was model.remat=true is now full)"),
       (min(t.batch_size, t.grad_accum_steps, t.eval_iters, t.log_interval) > 0,
        "train.batch_size, grad_accum_steps, eval_iters and log_interval must be positive"),
       (min(t.eval_interval, t.checkpoint_interval, t.keep_checkpoints) > 0,

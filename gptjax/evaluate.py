@@ -62,6 +62,8 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
   axes; `batch_size` is rounded up to a multiple of them (the extra windows weigh nothing).
   """
   block = cfg.block_size
+  if batch_size < 1:
+    raise UserError(f"batch_size={batch_size} is not positive")
   if not 0 < stride <= block:
     raise UserError(f"stride={stride} is not in [1, block_size={block}]")
   if len(tokens) < 2:
@@ -79,11 +81,11 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
       inputs[row, :end - begin] = tokens[begin:end]
       targets[row, :end - begin - 1] = tokens[begin + 1:end]  # position j predicts token begin + j + 1
       weights[row, scored_from - begin - 1:end - begin - 1] = 1.0
+    total_count += int(weights.sum())
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       if mesh is not None:
         inputs, targets, weights = jax.device_put((inputs, targets, weights), sharding.rows_sharding(mesh))
       total_nll += float(_window_nll(params, inputs, targets, weights, cfg=cfg))
-    total_count += int(weights.sum())
   nll = total_nll / total_count
   return {"tokens": total_count, "nll": nll, "perplexity": math.exp(nll)}
 
@@ -114,7 +116,7 @@ def main(argv=None) -> None:
       raise UserError(f"{data_dir} was prepared with another tokenizer than the checkpoint's")
     tokens = data.load_tokens(data_dir, args.split)
     what = f"{data_dir} {args.split}"
-  stride = args.stride or cfg.model.block_size // 2
+  stride = cfg.model.block_size // 2 if args.stride is None else args.stride
   result = perplexity(cfg.model, params, tokens, stride=stride, batch_size=args.batch_size, mesh=mesh)
   print(f"{what} (checkpoint step {step}, context {cfg.model.block_size}, stride {stride}): "
         f"{result['tokens']:,} tokens, mean NLL {result['nll']:.4f} nats, perplexity {result['perplexity']:.3f}")

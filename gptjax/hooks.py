@@ -73,7 +73,8 @@ class SaveCheckpoint:
     self.cfg, self.tokenizer, self.throughput = cfg, tokenizer, throughput
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
-    assert self.evaluation.latest.get("step") == step, "evaluate before saving"
+    if self.evaluation.latest.get("step") != step:  # the best checkpoint is chosen by this step's val loss
+      self.evaluation(step, state)
     checkpoint.save(self.manager, step, params=state.params, opt_state=state.opt_state,
                     progress={"step": step, "data": self.batches.state()}, config=self.cfg,
                     tokenizer=self.tokenizer, val_loss=self.evaluation.latest["val_loss"])

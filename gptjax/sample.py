@@ -14,9 +14,8 @@ default data parallel over this machine's devices, the samples split between the
 """
 
 import argparse
-import functools
-
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +43,8 @@ def sample_logits(logits, rng, *, temperature: float, top_k: int, top_p: float):
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  row_keys = jax.random.split(rng, logits.shape[0])  # a row's draw does not depend on the batch size
-  return jax.vmap(jax.random.categorical)(row_keys, logits)
+  row_keys = jax.vmap(lambda row: jax.random.fold_in(rng, row))(jnp.arange(logits.shape[0]))
+  return jax.vmap(jax.random.categorical)(row_keys, logits)  # a row's draw does not depend on the batch size
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_new", "temperature", "top_k", "top_p", "eot_id"))

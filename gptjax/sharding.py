@@ -91,6 +91,8 @@ def pad_rows(rows: np.ndarray, mesh: Mesh | None) -> np.ndarray:
 def logical_to_spec(names: tuple, rules=LOGICAL_AXIS_RULES) -> P:
   """Logical axis names -> a PartitionSpec. Rules are tried in order; a rule applies when none of
   its mesh axes is taken yet, so a mesh axis serves one dimension at most."""
+  if len({n for n in names if n is not None}) < len([n for n in names if n is not None]):
+    raise ValueError(f"a logical axis name occurs twice in {names}")
   spec, taken, placed = [None] * len(names), set(), set()
   for name, mesh_axes in rules:
     if name not in names or name in placed:

@@ -100,12 +100,12 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   meta = data.load_meta(cfg.data.dir)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
   t = cfg.train
-  manager = checkpoint.open_manager(t.out_dir, keep=t.keep_checkpoints)
-  cfg, resume_step, source_step = resolve_run(cfg, manager, resume, meta)
-
   mesh = sharding.make_mesh(cfg.mesh, devices)
   if t.batch_size % sharding.batch_shards(mesh):
     raise UserError(f"train.batch_size={t.batch_size} is not divisible by data*fsdp={sharding.batch_shards(mesh)}")
+  manager = checkpoint.open_manager(t.out_dir, keep=t.keep_checkpoints, create=False)
+  cfg, resume_step, source_step = resolve_run(cfg, manager, resume, meta)
+  checkpoint.create_dir(t.out_dir)  # only once the run is known to be sound: bad input writes nothing
   batch_args = dict(batch_size=t.batch_size, block_size=cfg.model.block_size,
                     process_index=jax.process_index(), process_count=jax.process_count())
   splits = {split: data.load_tokens(cfg.data.dir, split) for split in ("train", "val")}
@@ -140,7 +140,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   evaluation = hooks.Evaluate(estimate_losses, log, throughput)
   loop_hooks = [
       hooks.Hook(hooks.LogMetrics(log, throughput, bar), every=(t.log_interval,)),
-      hooks.Hook(evaluation, every=(t.eval_interval, t.checkpoint_interval)),  # saving needs the val loss
+      hooks.Hook(evaluation, every=(t.eval_interval,)),
       hooks.Hook(hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput),
                  every=(t.checkpoint_interval,)),
   ]

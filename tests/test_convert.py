@@ -253,6 +253,9 @@ def test_import_errors(small, tmp_path, capsys):
   truncated = _edit_config(hf_dir, tmp_path / "truncated")
   weights = (truncated / "model.safetensors").read_bytes()
   (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+  wrong_merges = _edit_config(hf_dir, tmp_path / "merges")
+  merges = (tokenizer_lib.GPT2_ASSETS / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+  (wrong_merges / "merges.txt").write_text("\n".join([merges[0], merges[2], merges[1], *merges[3:]]), encoding="utf-8")
   wrong_vocab = _edit_config(hf_dir, tmp_path / "vocab")
   vocab = json.loads((tokenizer_lib.GPT2_ASSETS / "encoder.json").read_text())
   vocab["hello"], vocab["world"] = vocab["world"], vocab["hello"]
@@ -270,6 +273,7 @@ def test_import_errors(small, tmp_path, capsys):
       (_edit_config(hf_dir, tmp_path / "gelu", activation_function="relu"), "activation_function='relu'"),
       (_edit_config(hf_dir, tmp_path / "vocab_size", vocab_size=50304), "vocab_size=50304 disagrees with the gpt2 tokenizer's 50257"),
       (wrong_vocab, "is not GPT-2's vocabulary"),
+      (wrong_merges, "is not GPT-2's merge list"),
   ]
   for source, message in cases:
     one_line_error(_convert(capsys, "import", source, tmp_path / "out"), message)

@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import pytest
 
 from gptjax import train
 
@@ -34,3 +35,16 @@ def test_resume_continues_exactly(tmp_path, char_data):
   assert finished == straight  # resuming a finished run trains nothing and reports its losses
   a, b = _final_params(tmp_path / "a" / "out"), _final_params(tmp_path / "b" / "out")
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_resume_may_change_how_the_blocks_run(tmp_path, char_data):
+  """Scanning and remat compute the same values: a run may resume with them changed."""
+  common = [f"data.dir={char_data}", "train.checkpoint_interval=4", "train.eval_interval=4"]
+  straight, _ = train.train(tiny_config(tmp_path / "a", *common, "train.max_iters=8"),
+                            progress_bar=False, devices=jax.devices()[:1])
+  train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=4"), progress_bar=False, devices=jax.devices()[:1])
+  resumed, _ = train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=8", "model.scan_layers=true",
+                                       "model.remat=save_dots"), resume=True, progress_bar=False, devices=jax.devices()[:1])
+  assert resumed["step"] == 8
+  assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
+  assert load_checkpoint(tmp_path / "b" / "out", "latest")[0].model.scan_layers  # the run's config records it

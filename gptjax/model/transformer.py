@@ -81,7 +81,8 @@ class GPT(nnx.Module):
     return KVCache(empty, empty, jnp.zeros((), jnp.int32))
 
   def decode(self, tokens_BT, cache: KVCache):
-    """tokens [B, T] continue the cached sequence -> (logits [B, T, vocab], the extended cache)."""
+    """tokens [B, T] continue the cached sequence -> (logits [B, T, vocab], the extended cache).
+    The caller keeps cache.length + T <= block_size (`gptjax.sample` restarts the cache before)."""
     logits_BTV, cache = self._forward(tokens_BT, cache, None)
     return logits_BTV, cache.replace(length=cache.length + tokens_BT.shape[1])
 
@@ -108,7 +109,7 @@ class GPT(nnx.Module):
       params, index, key = per_layer
       return nnx.merge(graphdef, params)(*carry, index, key), None
 
-    if self.cfg.remat != "none":
+    if self.cfg.remat != "none" and cache is None:  # decoding is never differentiated
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
     # Decoding always scans: unrolled, XLA copies every layer's weights out of the stacked
     # arrays for each new token (half the sampling speed on CPU, benchmarks/RESULTS.md).
