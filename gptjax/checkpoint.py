@@ -9,9 +9,11 @@ not resumed. Every checkpoint records its layout version (`format`); one of anot
 refused with a line that says how to carry it over, never read as something it is not.
 """
 
+import math
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -51,8 +53,13 @@ def open_manager(out_dir: str, *, keep: int = 2, create: bool = True) -> ocp.Che
 
 def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, progress: dict,
          config: config_lib.Config, tokenizer: dict, val_loss: float) -> None:
-  """Saves asynchronously; `manager.wait_until_finished()` before relying on the files."""
-  manager.save(step, metrics={"val_loss": float(val_loss)}, args=ocp.args.Composite(
+  """Saves asynchronously; `manager.wait_until_finished()` before relying on the files. Refuses
+  non-finite parameters; a non-finite validation loss is recorded as +inf, so it is never the best."""
+  if not all(jax.device_get(jax.tree.leaves(jax.tree.map(lambda x: jnp.isfinite(x).all(), params)))):
+    raise UserError(f"the parameters at step {step} are not finite; not saving them over the checkpoints in "
+                    f"{manager.directory}: lower optim.learning_rate")
+  val_loss = float(val_loss) if math.isfinite(val_loss) else math.inf
+  manager.save(step, metrics={"val_loss": val_loss}, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state),
       progress=ocp.args.JsonSave(progress),

@@ -87,6 +87,7 @@ class TrainConfig:
   log_interval: int = 10
   checkpoint_interval: int = 2000
   keep_checkpoints: int = 2  # latest N are kept, plus the best by validation loss
+  max_bad_steps: int = 20  # stop after this many consecutive steps with a non-finite loss or gradient
   seed: int = 1337
   peak_flops_per_device: float = 0.0  # for MFU; 0 looks the device up in a table
 
@@ -157,8 +158,8 @@ def validate(cfg: Config) -> Config:
                                   "(what was model.remat=true is now full)"),
       (min(t.batch_size, t.grad_accum_steps, t.eval_iters, t.log_interval) > 0,
        "train.batch_size, grad_accum_steps, eval_iters and log_interval must be positive"),
-      (min(t.eval_interval, t.checkpoint_interval, t.keep_checkpoints) > 0,
-       "train.eval_interval, checkpoint_interval and keep_checkpoints must be positive"),
+      (min(t.eval_interval, t.checkpoint_interval, t.keep_checkpoints, t.max_bad_steps) > 0,
+       "train.eval_interval, checkpoint_interval, keep_checkpoints and max_bad_steps must be positive"),
       (t.max_iters >= 0, f"train.max_iters={t.max_iters} is negative"),
       (o.learning_rate > 0 and 0 <= o.min_lr <= o.learning_rate,
        "optim.learning_rate must be positive and optim.min_lr in [0, learning_rate]"),

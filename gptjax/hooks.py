@@ -35,19 +35,23 @@ def run(hooks: list[Hook], step: int, last_step: int, state: TrainState, step_me
 
 
 class LogMetrics:
-  """A line with loss, learning rate, gradient norm, tokens/s and MFU (waits for the step)."""
+  """A line with loss, learning rate, gradient norm, tokens/s, MFU and any skipped non-finite
+  steps (waits for the step); stops the run after `max_bad_steps` consecutive ones."""
 
-  def __init__(self, log: Callable[[str], None], throughput: metrics_lib.Throughput, bar):
-    self.log, self.throughput, self.bar = log, throughput, bar
+  def __init__(self, log: Callable[[str], None], throughput: metrics_lib.Throughput, bar, max_bad_steps: int):
+    self.log, self.throughput, self.bar, self.max_bad_steps = log, throughput, bar, max_bad_steps
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
     values = jax.device_get(step_metrics)  # waits for the step: the timing below is honest
     tokens_per_s, mfu = self.throughput.measure(step)
+    skipped = f", skipped {values['skipped']} non-finite steps so far" if values["skipped"] else ""
     self.log(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, grad norm "
-             f"{values['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, MFU {mfu}")
+             f"{values['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, MFU {mfu}{skipped}")
     self.bar.set_postfix(loss=f"{values['loss']:.4f}")
-    if not np.isfinite(values["loss"]):
-      raise UserError(f"loss became {values['loss']} at step {step}; lower optim.learning_rate")
+    if values["bad_steps"] >= self.max_bad_steps:
+      raise UserError(f"the loss or gradients were not finite for {values['bad_steps']} steps in a row, from step "
+                      f"{step - values['bad_steps'] + 1} (train.max_bad_steps={self.max_bad_steps}); their updates "
+                      "were skipped, so no checkpoint holds non-finite parameters: lower optim.learning_rate")
 
 
 class Evaluate:

@@ -2,7 +2,8 @@
 
 The train step is one `jax.jit` with the state's shardings in and out (donated): gradients are
 averaged over the micro-batches of a batch [accum, batch, block] by a `lax.scan` inside it, then
-Optax updates the parameters. Both steps are traced under `jax.set_mesh`, so that the model's
+Optax updates the parameters (or, if the gradients are not finite, skips the update and counts
+it, all on the device). Both steps are traced under `jax.set_mesh`, so that the model's
 activation constraints bind.
 """
 
@@ -16,6 +17,7 @@ import optax
 
 from gptjax import config as config_lib
 from gptjax import model as model_lib
+from gptjax import optim
 from gptjax import sharding
 
 
@@ -50,7 +52,8 @@ def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformatio
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-    metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+               **optim.non_finite_steps(opt_state)}
     return new_state, metrics
 
   return train_step

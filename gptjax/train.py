@@ -139,21 +139,23 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   throughput = metrics.Throughput(cfg, start_step)
   evaluation = hooks.Evaluate(estimate_losses, log, throughput)
   loop_hooks = [
-      hooks.Hook(hooks.LogMetrics(log, throughput, bar), every=(t.log_interval,)),
+      hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps), every=(t.log_interval,)),
       hooks.Hook(evaluation, every=(t.eval_interval,)),
       hooks.Hook(hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput),
                  every=(t.checkpoint_interval,)),
   ]
-  if start_step >= t.max_iters:  # already done: report it
-    evaluation(start_step, state)
-  for step in range(start_step, t.max_iters):
-    inputs, targets = next(train_batches)
-    state, step_metrics = steps.train(state, sharding.put_batch(inputs, mesh), sharding.put_batch(targets, mesh))
-    bar.update(1)
-    hooks.run(loop_hooks, step + 1, t.max_iters, state, step_metrics)
-  manager.wait_until_finished()
-  manager.close()
-  bar.close()
+  try:
+    if start_step >= t.max_iters:  # already done: report it
+      evaluation(start_step, state)
+    for step in range(start_step, t.max_iters):
+      inputs, targets = next(train_batches)
+      state, step_metrics = steps.train(state, sharding.put_batch(inputs, mesh), sharding.put_batch(targets, mesh))
+      bar.update(1)
+      hooks.run(loop_hooks, step + 1, t.max_iters, state, step_metrics)
+  finally:  # however the loop ends, a save under way completes
+    manager.wait_until_finished()
+    manager.close()
+    bar.close()
   return evaluation.latest, state
 
 

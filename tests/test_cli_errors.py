@@ -1,5 +1,7 @@
 """Bad input: a one-line error on stderr, exit status 2, and existing outputs left untouched."""
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import TINY_OVERRIDES, digest, one_line_error, run_cli
@@ -132,8 +134,26 @@ def test_batch_that_the_mesh_does_not_divide(tmp_path, char_data):
   assert not (tmp_path / "out").exists()
 
 
-def test_a_loss_that_diverges_stops_training(tmp_path, char_data):
-  result = run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}",
-                   f"train.out_dir={tmp_path / 'out'}", "optim.learning_rate=1e9", "optim.min_lr=0",
-                   "optim.grad_clip=0", "train.log_interval=1", "--no-progress")
-  one_line_error(result, "loss became ", "lower optim.learning_rate")
+@pytest.mark.parametrize("log, save", [(1, 1), (10, 1), (2, 3)])
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, char_data, log, save):
+  """A learning rate of 1e9 makes the loss NaN from step 3 on: those updates are skipped, the run
+  stops after train.max_bad_steps of them, and every checkpoint holds finite parameters."""
+  from gptjax import checkpoint
+  out = tmp_path / "out"
+  result = run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}", f"train.out_dir={out}",
+                   "optim.learning_rate=1e9", "optim.min_lr=0", "optim.grad_clip=0", "train.max_bad_steps=3",
+                   f"train.log_interval={log}", f"train.checkpoint_interval={save}", f"train.eval_interval={save}",
+                   "--no-progress")
+  one_line_error(result, "not finite for", "steps in a row, from step 3 (train.max_bad_steps=3)",
+                 "lower optim.learning_rate")
+  assert "skipped 1 non-finite steps so far" in result.stdout or log > 1
+  manager = checkpoint.open_manager(str(out), create=False)
+  assert manager.all_steps()
+  for step in manager.all_steps():
+    params = checkpoint.load_for_inference(str(out), str(step))[2]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params))), step
+  if save == 1:  # step 1 (a learning rate of 0) is the one finite validation loss: it is the best, and kept
+    assert manager.best_step() == 1
+  manager.close()
+  sampled = run_cli("sample", "--checkpoint", out, "--max-new-tokens", 5, "--num-samples", 1)
+  assert sampled.returncode == 0, sampled.stderr
