@@ -6,6 +6,8 @@ work (metrics writers, preemption checks, profiling) hangs on here the same way.
 """
 
 import dataclasses
+import os
+import signal
 from typing import Callable
 
 import jax
@@ -83,3 +85,41 @@ class SaveCheckpoint:
                     progress={"step": step, "data": self.batches.state()}, config=self.cfg,
                     tokenizer=self.tokenizer, val_loss=self.evaluation.latest["val_loss"])
     self.throughput.reset(step)
+
+
+class Preempted(Exception):
+  """Training stopped early on request (a signal); the message says how to go on."""
+
+
+class SaveOnSignal:
+  """On SIGTERM (a preemption, `scancel`) or SIGINT (Ctrl-C), the step under way finishes, a
+  checkpoint of it is saved and waited for, and training stops; a second signal exits at once,
+  leaving the checkpoints as they are. The handlers are in place between `install` and `restore`."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, save: SaveCheckpoint, resume_hint: str):
+    self.save, self.resume_hint = save, resume_hint
+    self.received: str | None = None
+    self.previous = {}
+
+  def install(self) -> None:
+    self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+
+  def restore(self) -> None:
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+
+  def _on_signal(self, signum, frame) -> None:
+    if self.received is not None:
+      os._exit(128 + signum)  # the second signal: now, without touching the checkpoints
+    self.received = signal.Signals(signum).name
+
+  def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
+    if self.received is None:
+      return
+    if self.save.manager.latest_step() != step:
+      self.save(step, state, step_metrics)
+    self.save.manager.wait_until_finished()
+    raise Preempted(f"stopped by {self.received} at step {step}, saved in {self.save.cfg.train.out_dir}; "
+                    f"continue with: {self.resume_hint}")

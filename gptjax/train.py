@@ -8,6 +8,7 @@ its periodic hooks (log, evaluate, checkpoint).
 
 import argparse
 import dataclasses
+import shlex
 
 import jax
 import numpy as np
@@ -91,8 +92,9 @@ def initial_state(cfg: config_lib.Config, steps: steps_lib.Steps, tx, manager, r
 
 
 def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = True,
-          devices=None) -> tuple[dict, TrainState]:
-  """Trains as `cfg` says; returns the final {"step", "train_loss", "val_loss"} and TrainState.
+          devices=None, resume_hint: str = "the same command with --resume") -> tuple[dict, TrainState]:
+  """Trains as `cfg` says; returns the final {"step", "train_loss", "val_loss"} and TrainState,
+  or {"step", "stopped"} when a signal stopped it (after saving that step).
 
   `devices` (default: all) are the devices the mesh is built from.
   """
@@ -138,12 +140,15 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
 
   throughput = metrics.Throughput(cfg, start_step)
   evaluation = hooks.Evaluate(estimate_losses, log, throughput)
+  save = hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput)
+  on_signal = hooks.SaveOnSignal(save, resume_hint)
   loop_hooks = [
       hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps), every=(t.log_interval,)),
       hooks.Hook(evaluation, every=(t.eval_interval,)),
-      hooks.Hook(hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput),
-                 every=(t.checkpoint_interval,)),
+      hooks.Hook(save, every=(t.checkpoint_interval,)),
+      hooks.Hook(on_signal, every=(1,)),
   ]
+  on_signal.install()
   try:
     if start_step >= t.max_iters:  # already done: report it
       evaluation(start_step, state)
@@ -152,7 +157,11 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
       state, step_metrics = steps.train(state, sharding.put_batch(inputs, mesh), sharding.put_batch(targets, mesh))
       bar.update(1)
       hooks.run(loop_hooks, step + 1, t.max_iters, state, step_metrics)
+  except hooks.Preempted as stop:
+    log(str(stop))
+    return {"step": int(state.step), "stopped": str(stop)}, state
   finally:  # however the loop ends, a save under way completes
+    on_signal.restore()
     manager.wait_until_finished()
     manager.close()
     bar.close()
@@ -168,6 +177,7 @@ def main(argv=None) -> None:
   parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
   args = parser.parse_intermixed_args(argv)  # flags may come between the overrides
   cfg = config_lib.load_config(args.config, args.overrides)
-  result, _ = train(cfg, resume=args.resume, progress_bar=not args.no_progress)
-  if jax.process_index() == 0:
+  hint = shlex.join(["gptjax", "train", args.config, *args.overrides, "--resume"])
+  result, _ = train(cfg, resume=args.resume, progress_bar=not args.no_progress, resume_hint=hint)
+  if jax.process_index() == 0 and "stopped" not in result:
     print(f"done: step {result['step']}, train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")

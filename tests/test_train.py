@@ -1,10 +1,14 @@
+import random
+import re
+import signal
+
 import jax
 import numpy as np
 import pytest
 
 from gptjax import train
 
-from conftest import load_checkpoint, tiny_config
+from conftest import TINY_OVERRIDES, load_checkpoint, run_cli, start_cli, tiny_config
 
 
 def _final_params(out_dir):
@@ -48,3 +52,33 @@ def test_resume_may_change_how_the_blocks_run(tmp_path, char_data):
   assert resumed["step"] == 8
   assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
   assert load_checkpoint(tmp_path / "b" / "out", "latest")[0].model.scan_layers  # the run's config records it
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigterm_saves_the_step_under_way_and_resume_continues_exactly(tmp_path, char_data, seed):
+  """SIGTERM at a random step: that step is saved, the exit is 0, and --resume ends where an
+  uninterrupted run ends, bit for bit; a second signal would not have waited."""
+  args = ["train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}", "train.max_iters=20",
+          "train.log_interval=1", "train.checkpoint_interval=8", "train.eval_interval=8", "model.dropout=0.1",
+          "--no-progress"]
+  straight = run_cli(*args, f"train.out_dir={tmp_path / 'straight'}")
+  assert straight.returncode == 0, straight.stderr
+
+  stop_at = random.Random(seed).randrange(2, 17)
+  process = start_cli(*args, f"train.out_dir={tmp_path / 'stopped'}")
+  for line in process.stdout:
+    if line.startswith(f"step {stop_at}: loss"):
+      process.send_signal(signal.SIGTERM)
+      break
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr
+  stopped = int(re.search(r"stopped by SIGTERM at step (\d+), saved in", stdout).group(1))
+  assert stop_at <= stopped < 20 and "continue with: gptjax train shakespeare_char_cpu" in stdout
+  assert load_checkpoint(tmp_path / "stopped", "latest")[3] == stopped
+
+  resumed = run_cli(*args, f"train.out_dir={tmp_path / 'stopped'}", "--resume")
+  assert resumed.returncode == 0, resumed.stderr
+  done = [r.stdout.strip().splitlines()[-1] for r in (straight, resumed)]
+  assert done[0].startswith("done: step 20") and done[0] == done[1]
+  a, b = (_final_params(tmp_path / name) for name in ("straight", "stopped"))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
