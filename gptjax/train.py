@@ -18,6 +18,7 @@ from gptjax import checkpoint
 from gptjax import config as config_lib
 from gptjax import data
 from gptjax import hooks
+from gptjax import lock
 from gptjax import metrics
 from gptjax import model as model_lib
 from gptjax import optim
@@ -108,6 +109,9 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   manager = checkpoint.open_manager(t.out_dir, keep=t.keep_checkpoints, create=False)
   cfg, resume_step, source_step = resolve_run(cfg, manager, resume, meta)
   checkpoint.create_dir(t.out_dir)  # only once the run is known to be sound: bad input writes nothing
+  run_lock = lock.RunLock(t.out_dir)
+  if jax.process_index() == 0:  # the other processes of a multi-host run write into the same run
+    run_lock.acquire()
   batch_args = dict(batch_size=t.batch_size, block_size=cfg.model.block_size,
                     process_index=jax.process_index(), process_count=jax.process_count())
   splits = {split: data.load_tokens(cfg.data.dir, split) for split in ("train", "val")}
@@ -165,6 +169,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     manager.wait_until_finished()
     manager.close()
     bar.close()
+    run_lock.release()
   return evaluation.latest, state
 
 

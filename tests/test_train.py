@@ -1,6 +1,10 @@
+import json
 import random
 import re
 import signal
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -8,7 +12,7 @@ import pytest
 
 from gptjax import train
 
-from conftest import TINY_OVERRIDES, load_checkpoint, run_cli, start_cli, tiny_config
+from conftest import TINY_OVERRIDES, load_checkpoint, one_line_error, run_cli, start_cli, tiny_config
 
 
 def _final_params(out_dir):
@@ -82,3 +86,26 @@ def test_sigterm_saves_the_step_under_way_and_resume_continues_exactly(tmp_path,
   assert done[0].startswith("done: step 20") and done[0] == done[1]
   a, b = (_final_params(tmp_path / name) for name in ("straight", "stopped"))
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_a_second_trainer_on_the_same_run_is_refused_and_a_stale_lock_is_not(tmp_path, char_data):
+  args = ["train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}", f"train.out_dir={tmp_path}",
+          "train.log_interval=1", "train.max_iters=5000", "train.checkpoint_interval=5000", "--no-progress"]
+  first = start_cli(*args)
+  for line in first.stdout:
+    if line.startswith("step 3: loss"):
+      break
+  second = run_cli(*args)  # no checkpoint yet: only the lock tells that the run is taken
+  one_line_error(second, f"{tmp_path} is being trained by another gptjax (host {socket.gethostname()}, pid {first.pid})")
+  first.send_signal(signal.SIGTERM)
+  stdout, stderr = first.communicate(timeout=300)
+  assert first.returncode == 0 and "stopped by SIGTERM" in stdout, stderr
+  assert not (tmp_path / "gptjax.lock").exists()  # released when it stopped
+  stopped_at = load_checkpoint(tmp_path, "latest")[3]
+
+  # A lock left by a process that is gone (kill -9) does not block --resume.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  (tmp_path / "gptjax.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+  again = run_cli(*args[:-3], f"train.max_iters={stopped_at + 2}", "--resume", "--no-progress")
+  assert again.returncode == 0, again.stderr
+  assert load_checkpoint(tmp_path, "latest")[3] == stopped_at + 2
