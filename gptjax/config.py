@@ -135,7 +135,11 @@ def load_config(name: str | None = None, overrides: list[str] = ()) -> Config:
   """Defaults, then the named config or YAML file, then `section.field=value` overrides."""
   sources = []
   if name:
-    sources.append(OmegaConf.load(named_config_path(name)))
+    path = named_config_path(name)
+    try:
+      sources.append(OmegaConf.load(path))
+    except Exception as e:  # YAML syntax errors, duplicate keys: several libraries' types
+      raise UserError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
   for item in overrides:
     if "=" not in item:
       raise UserError(f"bad override {item!r}: expected section.field=value")
@@ -150,8 +154,9 @@ def validate(cfg: Config) -> Config:
   """Checks that types alone cannot express."""
   m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.distributed
   checks = [
-      (m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}"),
-      (min(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) > 0, "model sizes must be positive"),
+      (min(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) > 0,
+       "model.vocab_size, block_size, n_layer, n_head and n_embd must be positive"),
+      (m.n_head <= 0 or m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}"),
       (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} is not in [0, 1)"),
       (m.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={m.dtype!r} is not auto, float32 or bfloat16"),
       (m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)} "

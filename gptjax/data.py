@@ -136,7 +136,10 @@ def load_meta(data_dir: str) -> dict:
   path = pathlib.Path(data_dir) / "meta.json"
   if not path.is_file():
     raise UserError(f"no prepared data in {data_dir}: run `gptjax prepare --out {data_dir}` first")
-  return json.loads(path.read_text())
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (ValueError, OSError) as e:
+    raise UserError(f"{path} is not readable JSON ({e}): prepare the data again") from None
 
 
 def load_tokens(data_dir: str, split: str) -> np.ndarray:
@@ -145,6 +148,8 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
   path = pathlib.Path(data_dir) / f"{split}.bin"
   if not path.is_file() or path.stat().st_size == 0:
     raise UserError(f"{path} is missing or empty: prepare the data again")
+  if path.stat().st_size % np.dtype(meta["dtype"]).itemsize:
+    raise UserError(f"{path} is not a whole number of {meta['dtype']} tokens (cut short?): prepare the data again")
   return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 

@@ -112,8 +112,8 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
 
 def check_sampling_args(vocab_size: int, *, temperature: float, top_k: int, top_p: float,
                         num_samples: int, max_new_tokens: int) -> None:
-  if temperature < 0:
-    raise UserError(f"temperature={temperature} is negative; use 0 for greedy decoding")
+  if not temperature >= 0:  # also NaN
+    raise UserError(f"temperature={temperature} is not a number >= 0; use 0 for greedy decoding")
   if not 0 <= top_k <= vocab_size:
     raise UserError(f"top_k={top_k} is not in [0, {vocab_size}] (the vocabulary size; 0 disables it)")
   if not 0 < top_p <= 1:
@@ -143,6 +143,8 @@ def main(argv=None) -> None:
       args.prompt = open(args.prompt_file, encoding="utf-8").read()
     except OSError as e:
       raise UserError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
+    except UnicodeDecodeError:
+      raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
   mesh = sharding.inference_mesh(args.mesh)
   cfg, tokenizer_meta, params, _ = checkpoint.load_for_inference(args.checkpoint, args.step, mesh)
   tok = tokenizer_lib.from_meta(tokenizer_meta)

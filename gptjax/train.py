@@ -108,10 +108,6 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     raise UserError(f"train.batch_size={t.batch_size} is not divisible by data*fsdp={sharding.batch_shards(mesh)}")
   manager = checkpoint.open_manager(t.out_dir, keep=t.keep_checkpoints, create=False)
   cfg, resume_step, source_step = resolve_run(cfg, manager, resume, meta)
-  checkpoint.create_dir(t.out_dir)  # only once the run is known to be sound: bad input writes nothing
-  run_lock = lock.RunLock(t.out_dir)
-  if jax.process_index() == 0:  # the other processes of a multi-host run write into the same run
-    run_lock.acquire()
   batch_args = dict(batch_size=t.batch_size, block_size=cfg.model.block_size,
                     process_index=jax.process_index(), process_count=jax.process_count())
   splits = {split: data.load_tokens(cfg.data.dir, split) for split in ("train", "val")}
@@ -119,6 +115,10 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                                     name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
 
+  checkpoint.create_dir(t.out_dir)  # only once the run is known to be sound: bad input writes nothing
+  run_lock = lock.RunLock(t.out_dir)
+  if jax.process_index() == 0:  # the other processes of a multi-host run write into the same run
+    run_lock.acquire()
   tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
   steps = steps_lib.compile_steps(cfg, tx, schedule, mesh)
   state = initial_state(cfg, steps, tx, manager, resume_step, source_step, train_batches)

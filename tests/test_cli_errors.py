@@ -38,6 +38,8 @@ def test_text_shorter_than_one_block(tmp_path):
     ("distributed.num_processes=-2", "distributed.num_processes=-2 is negative"),
     ("model.remat=true", "model.remat='True' is not one of none, full, save_dots (what was model.remat=true is now full)"),
     ("mesh.fsdp=3", "mesh axes [-1, 3, 1] do not divide the 1 devices"),
+    ("model.n_head=0", "model.vocab_size, block_size, n_layer, n_head and n_embd must be positive"),
+    ("train.max_bad_steps=0", "max_bad_steps must be positive"),
 ])
 def test_bad_config_key_or_value(tmp_path, char_data, override, message):
   one_line_error(run_cli("train", "shakespeare_char_cpu", override, f"data.dir={char_data}",
@@ -65,7 +67,8 @@ def test_resume_without_checkpoint(tmp_path, char_data):
 
 @pytest.mark.parametrize("flags, message", [
     (["--top-k", "1000"], "top_k=1000 is not in [0, 77]"),
-    (["--temperature", "-0.5"], "temperature=-0.5 is negative"),
+    (["--temperature", "-0.5"], "temperature=-0.5 is not a number >= 0"),
+    (["--temperature", "nan"], "temperature=nan is not a number >= 0"),
     (["--top-p", "0"], "top_p=0.0 is not in (0, 1]"),
     (["--step", "123456"], "no checkpoint '123456'"),
     (["--prompt", "\u00e9t\u00e9"], "is not in the character vocabulary"),
@@ -157,3 +160,34 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, char_data, log
   manager.close()
   sampled = run_cli("sample", "--checkpoint", out, "--max-new-tokens", 5, "--num-samples", 1)
   assert sampled.returncode == 0, sampled.stderr
+
+
+def test_a_prompt_file_that_is_not_utf8(tiny_run, tmp_path):
+  out_dir, _ = tiny_run
+  (tmp_path / "prompt.txt").write_bytes("R\u00e9mi:".encode("latin-1"))
+  one_line_error(run_cli("sample", "--checkpoint", out_dir, "--prompt-file", tmp_path / "prompt.txt"), "is not UTF-8 text")
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("model:\n  n_layer: [1, 2\n", "cannot read config"),
+    ("model:\n  n_layer: 2\nmodel:\n  n_head: 2\n", "cannot read config"),
+])
+def test_a_config_file_that_is_not_valid_yaml(tmp_path, yaml_text, message):
+  (tmp_path / "bad.yaml").write_text(yaml_text)
+  one_line_error(run_cli("train", tmp_path / "bad.yaml"), message)
+
+
+def test_damaged_prepared_data(tmp_path, char_data):
+  import shutil
+  broken_meta, short_bin = tmp_path / "meta", tmp_path / "bin"
+  for copy in (broken_meta, short_bin):
+    shutil.copytree(char_data, copy)
+  (broken_meta / "meta.json").write_text("{not json")
+  with open(short_bin / "train.bin", "ab") as f:
+    f.write(b"\0")  # one byte: half a uint16 token
+  before = digest(tmp_path)
+  one_line_error(run_cli("train", "shakespeare_char_cpu", f"data.dir={broken_meta}", f"train.out_dir={tmp_path / 'o1'}"),
+                 "meta.json is not readable JSON")
+  one_line_error(run_cli("train", "shakespeare_char_cpu", f"data.dir={short_bin}", f"train.out_dir={tmp_path / 'o2'}"),
+                 "train.bin is not a whole number of uint16 tokens")
+  assert digest(tmp_path) == before
