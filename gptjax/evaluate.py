@@ -15,7 +15,6 @@ default data parallel over this machine's devices, the windows of a batch split 
 """
 
 import argparse
-import contextlib
 import functools
 import math
 
@@ -70,7 +69,7 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
     raise UserError(f"the text has {len(tokens)} tokens; perplexity needs at least 2")
   tokens = np.asarray(tokens, np.int32)
   windows = sliding_windows(len(tokens), block, stride)
-  shards = sharding.batch_shards(mesh) if mesh is not None else 1
+  shards = sharding.batch_shards(mesh)
   batch_size = -(-batch_size // shards) * shards
   total_nll, total_count = 0.0, 0
   for first in range(0, len(windows), batch_size):  # fixed [batch_size, block] shapes: one compile
@@ -82,10 +81,8 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
       targets[row, :end - begin - 1] = tokens[begin + 1:end]  # position j predicts token begin + j + 1
       weights[row, scored_from - begin - 1:end - begin - 1] = 1.0
     total_count += int(weights.sum())
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      if mesh is not None:
-        inputs, targets, weights = jax.device_put((inputs, targets, weights), sharding.rows_sharding(mesh))
-      total_nll += float(_window_nll(params, inputs, targets, weights, cfg=cfg))
+    with sharding.on_mesh(mesh):
+      total_nll += float(_window_nll(params, *sharding.put_rows((inputs, targets, weights), mesh), cfg=cfg))
   nll = total_nll / total_count
   return {"tokens": total_count, "nll": nll, "perplexity": math.exp(nll)}
 

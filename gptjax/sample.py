@@ -14,7 +14,6 @@ default data parallel over this machine's devices, the samples split between the
 """
 
 import argparse
-import contextlib
 import functools
 
 import jax
@@ -98,11 +97,9 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
     context = sequences if not produced else sequences[:, -(cfg.block_size // 2):]
     n_new = min(remaining, cfg.block_size - context.shape[1])
     rng, key = jax.random.split(rng)
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      if mesh is not None:
-        context = jax.device_put(context, sharding.rows_sharding(mesh))
+    with sharding.on_mesh(mesh):
       out, count, done = jax.device_get(_generate_chunk(
-          params, context, done, key, cfg=cfg, n_new=n_new, temperature=temperature, top_k=top_k,
+          params, sharding.put_rows(context, mesh), done, key, cfg=cfg, n_new=n_new, temperature=temperature, top_k=top_k,
           top_p=top_p, eot_id=eot_id))
     produced.append(out[:, :count])
     sequences = np.concatenate([sequences, out[:, :count]], axis=1)

@@ -11,6 +11,7 @@ splits its batch. A parameter dimension that a mesh axis does not divide (a voca
 tensor=8) stays whole on that axis.
 """
 
+import contextlib
 import math
 
 import jax
@@ -84,7 +85,7 @@ def inference_mesh(overrides: list[str], devices=None) -> Mesh:
 
 def pad_rows(rows: np.ndarray, mesh: Mesh | None) -> np.ndarray:
   """`rows` [B, ...] with zero rows appended up to a multiple of the mesh's batch shards."""
-  missing = -len(rows) % (batch_shards(mesh) if mesh is not None else 1)
+  missing = -len(rows) % batch_shards(mesh)
   return np.concatenate([rows, np.zeros((missing, *rows.shape[1:]), rows.dtype)]) if missing else rows
 
 
@@ -136,9 +137,19 @@ def rows_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
-def batch_shards(mesh: Mesh) -> int:
-  """How many ways the batch is split: a batch must be a multiple of this."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_shards(mesh: Mesh | None) -> int:
+  """How many ways the batch is split (1 without a mesh): a batch must be a multiple of this."""
+  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def on_mesh(mesh: Mesh | None):
+  """`jax.set_mesh(mesh)`, so that activation constraints bind; nothing without a mesh."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def put_rows(arrays, mesh: Mesh | None):
+  """Arrays whose first axis is a batch, split over the mesh's batch axes (as they are without one)."""
+  return arrays if mesh is None else jax.device_put(arrays, rows_sharding(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
