@@ -9,8 +9,12 @@ not resumed. Every checkpoint records its layout version (`format`); one of anot
 refused with a line that says how to carry it over, never read as something it is not.
 """
 
+import contextlib
 import math
+import os
 import pathlib
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,7 @@ from orbax.checkpoint import checkpoint_managers
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import sharding
+from gptjax.errors import SaveFailed
 from gptjax.errors import UserError
 
 # 1: per-layer blocks h_0 .. h_N (gptjax 0.1, Flax Linen; no `format` item). 2: stacked blocks h/...
@@ -39,6 +44,52 @@ def create_dir(out_dir: str) -> None:
     checkpoint_dir(out_dir).mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create {checkpoint_dir(out_dir)}: {e.strerror}") from None
+
+
+def check_writable(out_dir: str, checkpoint_bytes: int) -> None:
+  """Before step 0: OUT_DIR/checkpoints takes a written, synced file and has room for a checkpoint."""
+  directory = checkpoint_dir(out_dir)
+  probe = directory / f".gptjax-probe-{os.getpid()}"
+  try:
+    with open(probe, "wb") as f:
+      f.write(bytes(4096))
+      f.flush()
+      os.fsync(f.fileno())
+    probe.unlink()
+    free = shutil.disk_usage(directory).free
+  except OSError as e:
+    raise UserError(f"cannot write checkpoints in {directory}: {e.strerror or e}") from None
+  if free < checkpoint_bytes:
+    raise UserError(f"{directory} has {free / 2**20:,.1f} MiB free, a checkpoint of this run needs about "
+                    f"{checkpoint_bytes / 2**20:,.1f} MiB: free some space or choose another train.out_dir")
+
+
+def _reason(e: BaseException) -> str:
+  """What went wrong, in a few words: the operating system's message where there is one."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.strerror:
+      return seen.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(seen))  # TensorStore's way of saying it
+    if code:
+      return os.strerror(int(code.group(1)))
+    seen = seen.__cause__ or seen.__context__
+  first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return first_line if len(first_line) < 200 else first_line[:200] + "..."
+
+
+@contextlib.contextmanager
+def failed_saves_stop(manager: ocp.CheckpointManager, step: int | None):
+  """Turns a failed save (of `step`, or one in the background) into a one-line UserError. Orbax
+  writes a step into a temporary folder and renames it only when complete, so the checkpoints
+  before it stay whole and a half-written one is never taken as the latest."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # Orbax and TensorStore raise many types for one failed write
+    raise SaveFailed(f"saving the checkpoint of step {step} in {manager.directory} failed ({_reason(e)}); "
+                    "the run stopped, the checkpoints before it are intact (--resume continues from them)") from None
 
 
 def open_manager(out_dir: str, *, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:

@@ -5,8 +5,11 @@ Bad input (a `UserError`) is printed as one line, `gptjax: error: ...`, with exi
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
+from gptjax.errors import SaveFailed
 from gptjax.errors import UserError
 
 COMMANDS = {
@@ -25,13 +28,27 @@ class _OneLineErrors(argparse.ArgumentParser):
     raise UserError(f"{self.prog}: {message}")
 
 
+def _unless_orphaned_write(report, default=sys.unraisablehook) -> None:
+  """After a failed save, its other writes still finish in TensorStore's threads and find Orbax's
+  event loop closed; each would print a traceback. Everything else is reported as usual."""
+  if not (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"):
+    default(report)
+
+
 def run(command: str, argv: list[str]) -> None:
   """Runs one command's `main(argv)`, turning bad input into a one-line error."""
   argparse.ArgumentParser.error = _OneLineErrors.error  # every command's parser
+  # Orbax's failures arrive as exceptions and are reported here in one line, not also as its logs.
+  for library in ("absl", "asyncio"):
+    logging.getLogger(library).setLevel(logging.CRITICAL)
+  sys.unraisablehook = _unless_orphaned_write
   try:
     importlib.import_module(COMMANDS[command]).main(argv)
   except UserError as e:
     print(f"gptjax: error: {e}", file=sys.stderr)
+    if isinstance(e, SaveFailed):
+      sys.stderr.flush()
+      os._exit(2)
     sys.exit(2)
   except KeyboardInterrupt:
     print("gptjax: interrupted", file=sys.stderr)

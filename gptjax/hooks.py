@@ -71,20 +71,41 @@ class Evaluate:
 
 
 class SaveCheckpoint:
-  """An asynchronous checkpoint with the latest evaluation's validation loss (to keep the best)."""
+  """An asynchronous checkpoint with the latest evaluation's validation loss (to keep the best).
+  A save that fails, now or in the background, stops the run with one line (`check` each step)."""
 
   def __init__(self, manager, evaluation: Evaluate, batches: data.TokenBatches, cfg: Config,
                tokenizer: dict, throughput: metrics_lib.Throughput):
     self.manager, self.evaluation, self.batches = manager, evaluation, batches
     self.cfg, self.tokenizer, self.throughput = cfg, tokenizer, throughput
+    self.saving: int | None = None  # the step of the latest save begun
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
     if self.evaluation.latest.get("step") != step:  # the best checkpoint is chosen by this step's val loss
       self.evaluation(step, state)
-    checkpoint.save(self.manager, step, params=state.params, opt_state=state.opt_state,
-                    progress={"step": step, "data": self.batches.state()}, config=self.cfg,
-                    tokenizer=self.tokenizer, val_loss=self.evaluation.latest["val_loss"])
+    self.wait()  # Orbax would wait for the previous save too; this way its failure names its step
+    self.saving = step
+    with checkpoint.failed_saves_stop(self.manager, step):
+      checkpoint.save(self.manager, step, params=state.params, opt_state=state.opt_state,
+                      progress={"step": step, "data": self.batches.state()}, config=self.cfg,
+                      tokenizer=self.tokenizer, val_loss=self.evaluation.latest["val_loss"])
     self.throughput.reset(step)
+
+  def check(self, *unused) -> None:
+    """Raises (one line) if the latest save has failed in the background; never waits for one."""
+    if self.saving is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Until the save under way is written (or has failed: one line)."""
+    with checkpoint.failed_saves_stop(self.manager, self.saving):
+      self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the save under way, then closes the manager (where Orbax reports failures too)."""
+    with checkpoint.failed_saves_stop(self.manager, self.saving):
+      self.manager.wait_until_finished()
+      self.manager.close()
 
 
 class Preempted(Exception):
@@ -120,6 +141,6 @@ class SaveOnSignal:
       return
     if self.save.manager.latest_step() != step:
       self.save(step, state, step_metrics)
-    self.save.manager.wait_until_finished()
+    self.save.wait()
     raise Preempted(f"stopped by {self.received} at step {step}, saved in {self.save.cfg.train.out_dir}; "
                     f"continue with: {self.resume_hint}")

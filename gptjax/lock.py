@@ -37,6 +37,8 @@ class RunLock:
       return
     except FileExistsError:
       pass
+    except OSError as e:
+      raise UserError(f"cannot write {self.path}: {e.strerror}") from None
     try:
       holder = json.loads(self.path.read_text(encoding="utf-8"))
       host, pid = str(holder["host"]), int(holder["pid"])

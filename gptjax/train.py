@@ -46,6 +46,12 @@ def _describe(tokenizer_meta: dict) -> str:
       if tokenizer_meta["kind"] == "char" else tokenizer_meta["kind"]
 
 
+def _checkpoint_bytes(model: config_lib.ModelConfig, tx) -> int:
+  """The size of a checkpoint's parameters and optimizer state, from their shapes alone."""
+  shapes, _ = model_lib.abstract_params(model)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((shapes, jax.eval_shape(tx.init, shapes))))
+
+
 def resolve_run(cfg: config_lib.Config, manager, resume: bool, meta: dict) -> tuple[config_lib.Config, int | None, int | None]:
   """Checks what `cfg` asks against what `out_dir` holds; returns (the run's config, the step to
   resume, the step of train.init_from to fine-tune from)."""
@@ -115,11 +121,12 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                                     name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
 
+  tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
   checkpoint.create_dir(t.out_dir)  # only once the run is known to be sound: bad input writes nothing
+  checkpoint.check_writable(t.out_dir, _checkpoint_bytes(cfg.model, tx))
   run_lock = lock.RunLock(t.out_dir)
   if jax.process_index() == 0:  # the other processes of a multi-host run write into the same run
     run_lock.acquire()
-  tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
   steps = steps_lib.compile_steps(cfg, tx, schedule, mesh)
   state = initial_state(cfg, steps, tx, manager, resume_step, source_step, train_batches)
 
@@ -150,6 +157,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
       hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps), every=(t.log_interval,)),
       hooks.Hook(evaluation, every=(t.eval_interval,)),
       hooks.Hook(save, every=(t.checkpoint_interval,)),
+      hooks.Hook(save.check, every=(1,)),
       hooks.Hook(on_signal, every=(1,)),
   ]
   on_signal.install()
@@ -166,10 +174,11 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     return {"step": int(state.step), "stopped": str(stop)}, state
   finally:  # however the loop ends, a save under way completes
     on_signal.restore()
-    manager.wait_until_finished()
-    manager.close()
-    bar.close()
-    run_lock.release()
+    try:
+      save.close()
+    finally:
+      bar.close()
+      run_lock.release()
   return evaluation.latest, state
 
 

@@ -1,13 +1,22 @@
+import os
 import pathlib
+import re
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from gptjax import checkpoint
 from gptjax import config as config_lib
 
-from conftest import TINY_OVERRIDES, digest, one_line_error, run_cli, tiny_config
+from conftest import TINY_OVERRIDES, digest, load_checkpoint, one_line_error, run_cli, start_cli, tiny_config
 
 
 def test_keeps_the_latest_and_the_best_by_validation_loss(tmp_path):
@@ -67,3 +76,74 @@ def test_every_checkpoint_records_its_layout(tiny_run):
     checkpoint.check_format(manager, step)  # raises for any other layout
     assert (pathlib.Path(manager.directory) / str(step) / "format").is_dir()
   manager.close()
+
+
+def _train_args(char_data, out, *extra):
+  return ["train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}", f"train.out_dir={out}",
+          "--no-progress", *extra]
+
+
+def test_a_save_that_fails_stops_the_run_and_the_earlier_checkpoints_load(tmp_path, char_data):
+  """Writes start failing while the trainer runs (its file-size limit set to 0, so every write
+  fails as on a full disk): the next save fails, the run stops at once with one line, and the
+  checkpoints before it load."""
+  out = tmp_path / "out"
+  process = start_cli(*_train_args(char_data, out, "train.max_iters=100000", "train.log_interval=1",
+                                   "train.checkpoint_interval=10", "train.eval_interval=10", "train.keep_checkpoints=100"))
+  for line in process.stdout:
+    if line.startswith("step 15: loss"):
+      break
+  while not (out / "checkpoints" / "10").is_dir() and process.poll() is None:  # written in the background
+    time.sleep(0.05)
+  resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (0, 0))
+  stdout, stderr = process.communicate(timeout=300)
+  one_line_error(subprocess.CompletedProcess([], process.returncode, stdout, stderr),
+                 "failed (File too large); the run stopped, the checkpoints before it are intact")
+  failed = int(re.search(r"saving the checkpoint of step (\d+)", stderr).group(1))
+  last_step = max(int(s) for s in re.findall(r"^step (\d+): loss", stdout, re.MULTILINE))
+  assert failed > 10 and failed <= last_step <= failed + 10  # it stopped before the next save
+  manager = checkpoint.open_manager(str(out), create=False)
+  assert manager.latest_step() == failed - 10 and max(manager.all_steps()) < failed
+  manager.close()
+  assert load_checkpoint(out, "latest")[3] == failed - 10
+
+
+def _in_own_mounts(script: str) -> subprocess.CompletedProcess:
+  """Runs a shell script in a private mount namespace (where it may mount a tmpfs), or skips."""
+  if shutil.which("unshare") is None or subprocess.run(
+      ["unshare", "-m", "mount", "-t", "tmpfs", "none", "/mnt"], capture_output=True).returncode:
+    pytest.skip("this machine does not let a test mount a file system")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_full_disk_stops_the_run_and_the_earlier_checkpoints_load(tmp_path, char_data):
+  """A 2 MiB tmpfs holds a few checkpoints of the tiny model, then is full."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  cli = f"{shlex.quote(sys.executable)} -m gptjax.cli"
+  train_cmd = shlex.join(_train_args(char_data, mount / "out", "train.max_iters=1000", "train.keep_checkpoints=1000",
+                                     "train.checkpoint_interval=5", "train.eval_interval=5"))
+  result = _in_own_mounts(f"mount -t tmpfs -o size=2m none {mount} && {cli} {train_cmd}; echo \"exit $?\" >&2; "
+                          f"{cli} sample --checkpoint {mount / 'out'} --step latest --max-new-tokens 5 >&2")
+  lines = result.stderr.strip().splitlines()
+  assert lines[0].startswith("gptjax: error: saving the checkpoint of step") and "No space left on device" in lines[0], result.stderr
+  assert lines[1] == "exit 2" and "Traceback" not in result.stderr
+  assert len(lines) > 2 and "gptjax: error" not in result.stderr.split("exit 2")[1]  # the latest intact step samples
+
+
+def test_an_out_dir_that_cannot_be_written(tmp_path, char_data):
+  """A file, a path under /proc, a read-only file system, no room: refused before step 0."""
+  (tmp_path / "file").write_text("not a directory")
+  before = digest(tmp_path), digest(char_data)
+  one_line_error(run_cli(*_train_args(char_data, tmp_path / "file")), "cannot create", "Not a directory")
+  one_line_error(run_cli(*_train_args(char_data, "/proc/gptjax-run")), "cannot create /proc/gptjax-run/checkpoints")
+  one_line_error(run_cli(*_train_args(char_data, tmp_path / "big", "model.n_layer=200", "model.n_embd=16384",
+                                      "model.n_head=128")), "MiB free, a checkpoint of this run needs about")
+  assert not (tmp_path / "big" / "gptjax.lock").exists()
+  assert (digest(tmp_path), digest(char_data)) == before
+  mount = tmp_path / "ro"
+  mount.mkdir()
+  cli = f"{shlex.quote(sys.executable)} -m gptjax.cli"
+  result = _in_own_mounts(f"mount -t tmpfs -o ro,size=1m none {mount} && {cli} {shlex.join(_train_args(char_data, mount / 'out'))}")
+  one_line_error(result, f"cannot create {mount / 'out' / 'checkpoints'}: Read-only file system")
