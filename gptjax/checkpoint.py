@@ -15,17 +15,25 @@ import os
 import pathlib
 import re
 import shutil
+import time
+
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from gptjax import checksum
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax.errors import SaveFailed
 from gptjax.errors import UserError
+from gptjax.errors import warn
+
+T = TypeVar("T")
 
 # 1: per-layer blocks h_0 .. h_N (gptjax 0.1, Flax Linen; no `format` item). 2: stacked blocks h/...
 FORMAT_VERSION = 2
@@ -65,17 +73,20 @@ def check_writable(out_dir: str, checkpoint_bytes: int) -> None:
 
 
 def _reason(e: BaseException) -> str:
-  """What went wrong, in a few words: the operating system's message where there is one."""
-  seen = e
-  while seen is not None:
-    if isinstance(seen, OSError) and seen.strerror:
-      return seen.strerror
-    code = re.search(r"os_error_code='?(\d+)", str(seen))  # TensorStore's way of saying it
+  """What went wrong, in a few words: the operating system's message where there is one, else the
+  first line of the innermost cause (TensorStore's, under Orbax's)."""
+  chain = [e]
+  while chain[-1].__cause__ or chain[-1].__context__:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  for cause in chain:
+    if isinstance(cause, OSError) and cause.strerror:
+      return cause.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(cause))  # TensorStore's way of saying it
     if code:
       return os.strerror(int(code.group(1)))
-    seen = seen.__cause__ or seen.__context__
-  first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-  return first_line if len(first_line) < 200 else first_line[:200] + "..."
+  first_line = (str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__])[0]
+  first_line = re.sub(r'^[A-Z_]+: | in OCDBT database at local file "[^"]*"', "", first_line)  # the step is named
+  return first_line if len(first_line) < 300 else first_line[:300] + "..."
 
 
 @contextlib.contextmanager
@@ -116,6 +127,7 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, progre
       progress=ocp.args.JsonSave(progress),
       config=ocp.args.JsonSave(config_lib.to_dict(config)),
       tokenizer=ocp.args.JsonSave(tokenizer),
+      checksums=ocp.args.JsonSave({"params": checksum.checksums(params), "opt_state": checksum.checksums(opt_state)}),
       format=ocp.args.JsonSave({"version": FORMAT_VERSION})))
 
 
@@ -128,6 +140,7 @@ def save_weights(out_dir: str, params, *, config: config_lib.Config, tokenizer: 
       params=ocp.args.StandardSave(params),
       config=ocp.args.JsonSave(config_lib.to_dict(config)),
       tokenizer=ocp.args.JsonSave(tokenizer),
+      checksums=ocp.args.JsonSave({"params": checksum.checksums(params)}),
       format=ocp.args.JsonSave({"version": FORMAT_VERSION})))
   manager.wait_until_finished()
   manager.close()
@@ -139,13 +152,55 @@ def has_train_state(manager: ocp.CheckpointManager, step: int) -> bool:
   return (step_dir / "opt_state").is_dir() and (step_dir / "progress").is_dir()
 
 
+class Damaged(UserError):
+  """A checkpoint whose files are missing, unreadable, or not what was saved."""
+
+
+def _verified(manager: ocp.CheckpointManager, step: int, **items):
+  """`items` of `step` restored (the arrays placed as their targets' shardings say) and checked
+  against the checksums saved with them; raises Damaged, naming the step and what is wrong."""
+  step_dir = pathlib.Path(manager.directory) / str(step)
+  has_checksums = (step_dir / "checksums").is_dir()  # checkpoints written before checksums have none
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **items, **({"checksums": ocp.args.JsonRestore()} if has_checksums else {})))
+  except Exception as e:  # Orbax and TensorStore raise many types for a missing or damaged file
+    raise Damaged(f"checkpoint step {step} in {manager.directory} is damaged ({_reason(e)})") from None
+  for name in items:
+    if has_checksums and name in restored.checksums:
+      bad = checksum.first_mismatch(restored[name], restored.checksums[name])
+      if bad is not None:
+        raise Damaged(f"checkpoint step {step} in {manager.directory} is damaged ({name}{bad} is not what was saved)")
+  return restored
+
+
 def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
-  """(params, opt_state, progress) of `step`, placed as the abstract trees' shardings say."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params),
-      opt_state=ocp.args.StandardRestore(abstract_opt_state),
-      progress=ocp.args.JsonRestore()))
+  """(params, opt_state, progress) of `step`, placed as the abstract trees' shardings say, verified."""
+  restored = _verified(manager, step, params=ocp.args.StandardRestore(abstract_params),
+                       opt_state=ocp.args.StandardRestore(abstract_opt_state), progress=ocp.args.JsonRestore())
   return restored.params, restored.opt_state, restored.progress
+
+
+def first_intact(manager: ocp.CheckpointManager, out_dir: str, which: str, load: Callable[[int], T], *,
+                 quiet: bool = False) -> tuple[int, T]:
+  """(step, `load(step)`) of the checkpoint `which`. If it is damaged, and `which` is not a step
+  number, a warning names it (unless `quiet`) and the newest intact other step is loaded instead;
+  none intact: one line."""
+  first = select_step(manager, out_dir, which)
+  others = [] if which.isdigit() else sorted(set(manager.all_steps()) - {first}, reverse=True)
+  damaged = []
+  for step in [first, *others]:
+    try:
+      result = load(step)
+    except Damaged as e:
+      damaged.append(e)
+      continue
+    for e in damaged if not quiet else ():
+      warn(f"{e}; using step {step}")
+    return step, result
+  if len(damaged) == 1:
+    raise damaged[0]
+  raise Damaged(f"no intact checkpoint in {out_dir}: {'; '.join(str(e) for e in damaged)}")
 
 
 def select_step(manager: ocp.CheckpointManager, out_dir: str, which: str) -> int:
@@ -163,15 +218,26 @@ def select_step(manager: ocp.CheckpointManager, out_dir: str, which: str) -> int
   return int(which)
 
 
+def set_aside(manager: ocp.CheckpointManager, out_dir: str, steps: list[int]) -> None:
+  """Moves damaged `steps` out of the way of new saves, to OUT_DIR/damaged/STEP (kept, not deleted)."""
+  if jax.process_index() == 0:
+    for step in steps:
+      target = pathlib.Path(out_dir).absolute() / "damaged" / str(step)
+      target.parent.mkdir(exist_ok=True)
+      shutil.move(pathlib.Path(manager.directory) / str(step), target.with_name(f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                  if target.exists() else target)
+      warn(f"moved the damaged checkpoint step {step} to {target.parent}")
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("gptjax: damaged checkpoints set aside")
+  manager.reload()
+
+
 def check_format(manager: ocp.CheckpointManager, step: int) -> None:
   """Refuses a checkpoint written in another layout than this gptjax reads."""
   step_dir = pathlib.Path(manager.directory) / str(step)
   version = 1
   if (step_dir / "format").is_dir():
-    try:
-      version = manager.restore(step, args=ocp.args.Composite(format=ocp.args.JsonRestore())).format["version"]
-    except Exception as e:  # Orbax raises many types for a damaged item
-      raise UserError(f"{step_dir}/format is unreadable ({type(e).__name__}); the checkpoint is damaged") from None
+    version = _verified(manager, step, format=ocp.args.JsonRestore()).format.get("version")
   if version != FORMAT_VERSION:
     raise UserError(
         f"{step_dir} is a checkpoint of layout {version}, this gptjax reads layout {FORMAT_VERSION}"
@@ -182,8 +248,7 @@ def check_format(manager: ocp.CheckpointManager, step: int) -> None:
 def read_config(manager: ocp.CheckpointManager, step: int) -> tuple[config_lib.Config, dict]:
   """The run's config and tokenizer description saved with `step`, after checking its layout."""
   check_format(manager, step)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
+  restored = _verified(manager, step, config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore())
   return config_lib.from_dict(restored.config), restored.tokenizer
 
 
@@ -209,18 +274,21 @@ def params_target(cfg: config_lib.ModelConfig, mesh: jax.sharding.Mesh):
 
 
 def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
-  """The parameters of `step`, placed as the ShapeDtypeStructs' shardings say."""
-  return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
+  """The parameters of `step`, placed as the ShapeDtypeStructs' shardings say, verified."""
+  return _verified(manager, step, params=ocp.args.StandardRestore(abstract_params)).params
 
 
 def load_for_inference(out_dir: str, which: str = "best", mesh: jax.sharding.Mesh | None = None):
-  """(config, tokenizer meta, params, step) of a run's checkpoint `which`, the parameters placed on
-  `mesh` by the rules (default: the first device)."""
+  """(config, tokenizer meta, params, step) of a run's checkpoint `which` (or, if it is damaged,
+  of the newest intact one), the parameters placed on `mesh` by the rules (default: the first device)."""
   mesh = mesh if mesh is not None else sharding.make_mesh(config_lib.MeshConfig(), jax.devices()[:1])
   manager = _open_existing(out_dir)
-  step = select_step(manager, out_dir, which)
-  cfg, tokenizer = read_config(manager, step)
-  params = restore_params(manager, step, params_target(cfg.model, mesh))
+
+  def load(step: int):
+    cfg, tokenizer = read_config(manager, step)
+    return cfg, tokenizer, restore_params(manager, step, params_target(cfg.model, mesh))
+
+  step, (cfg, tokenizer, params) = first_intact(manager, out_dir, which, load)
   manager.close()
   return cfg, tokenizer, params, step
 

@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from gptjax.errors import SaveFailed
 from gptjax.errors import UserError
@@ -29,9 +30,13 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 def _unless_orphaned_write(report, default=sys.unraisablehook) -> None:
-  """After a failed save, its other writes still finish in TensorStore's threads and find Orbax's
-  event loop closed; each would print a traceback. Everything else is reported as usual."""
-  if not (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"):
+  """A failed save or load reaches gptjax as one exception, and is reported in one line; Orbax's
+  other reads and writes of it still finish in the background, in coroutines or in TensorStore's
+  threads (which find Orbax's event loop closed), each with a traceback of its own. Not those."""
+  code = getattr(report.object, "cr_code", None)
+  orbax_coroutine = code is not None and "/orbax/" in code.co_filename
+  closed_loop = report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"
+  if not (orbax_coroutine or closed_loop):
     default(report)
 
 
@@ -42,6 +47,7 @@ def run(command: str, argv: list[str]) -> None:
   for library in ("absl", "asyncio"):
     logging.getLogger(library).setLevel(logging.CRITICAL)
   sys.unraisablehook = _unless_orphaned_write
+  warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)  # the same, at exit
   try:
     importlib.import_module(COMMANDS[command]).main(argv)
   except UserError as e:

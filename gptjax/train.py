@@ -66,7 +66,9 @@ def resolve_run(cfg: config_lib.Config, manager, resume: bool, meta: dict) -> tu
     if not checkpoint.has_train_state(manager, latest):
       raise UserError(f"{t.out_dir} holds model weights only (no optimizer state), as an import does: "
                       f"fine-tune from it with train.init_from={t.out_dir} and a new train.out_dir")
-    saved_cfg, _ = checkpoint.read_config(manager, latest)
+    # Every step of a run has its model config; `initial_state` names any damaged step it passes over.
+    _, (saved_cfg, _) = checkpoint.first_intact(
+        manager, t.out_dir, "latest", lambda step: checkpoint.read_config(manager, step), quiet=True)
     if t.init_from:  # a fine-tuning run's architecture is the one it started from
       cfg = _with_architecture(cfg, saved_cfg.model)
     if _how_computed_aside(saved_cfg.model) != _how_computed_aside(cfg.model):
@@ -86,8 +88,12 @@ def initial_state(cfg: config_lib.Config, steps: steps_lib.Steps, tx, manager, r
   """The state to start from, placed as `steps` expects: resumed (with the data position),
   fine-tuned from train.init_from's weights with a fresh optimizer, or freshly initialised."""
   if resume_step is not None:
-    params, opt_state, progress = checkpoint.restore_train_state(
-        manager, resume_step, steps.abstract.params, steps.abstract.opt_state)
+    def load(step: int):
+      checkpoint.read_config(manager, step)
+      return checkpoint.restore_train_state(manager, step, steps.abstract.params, steps.abstract.opt_state)
+
+    intact, (params, opt_state, progress) = checkpoint.first_intact(manager, cfg.train.out_dir, "latest", load)
+    checkpoint.set_aside(manager, cfg.train.out_dir, [s for s in manager.all_steps() if s > intact])
     train_batches.restore(progress["data"])
     return TrainState(jax.device_put(np.int32(progress["step"]), steps.shardings.step), params, opt_state)
   if source_step is not None:

@@ -147,3 +147,54 @@ def test_an_out_dir_that_cannot_be_written(tmp_path, char_data):
   cli = f"{shlex.quote(sys.executable)} -m gptjax.cli"
   result = _in_own_mounts(f"mount -t tmpfs -o ro,size=1m none {mount} && {cli} {shlex.join(_train_args(char_data, mount / 'out'))}")
   one_line_error(result, f"cannot create {mount / 'out' / 'checkpoints'}: Read-only file system")
+
+
+def _damage(step_dir: pathlib.Path, how: str) -> None:
+  """Deletes, truncates or flips a byte in the largest array file of a step's parameters."""
+  largest = max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  if how == "deleted":
+    largest.unlink()
+  elif how == "truncated":
+    largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+  else:
+    content = bytearray(largest.read_bytes())
+    content[len(content) // 2] ^= 0x10
+    largest.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "corrupted"])
+def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tiny_run, tmp_path, how):
+  """The latest step (30) damaged: sample and perplexity warn and use step 15; asked for step 30
+  itself, or with every step damaged, one line. Never a traceback, never random weights."""
+  run = tmp_path / "run"
+  shutil.copytree(tiny_run[0], run)
+  _damage(run / "checkpoints" / "30", how)
+  before = digest(run)
+  warning = f"gptjax: warning: checkpoint step 30 in {run / 'checkpoints'} is damaged ("
+  for command in (["sample", "--max-new-tokens", "5", "--step", "latest"], ["perplexity", "--split", "val"]):
+    result = run_cli(*command, "--checkpoint", run)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(warning) and lines[0].endswith("; using step 15"), result.stderr
+  one_line_error(run_cli("sample", "--checkpoint", run, "--step", "30"), "checkpoint step 30", "is damaged")
+  assert digest(run) == before
+  _damage(run / "checkpoints" / "15", how)
+  before = digest(run)
+  one_line_error(run_cli("sample", "--checkpoint", run), f"no intact checkpoint in {run}", "step 15", "step 30")
+  assert digest(run) == before
+
+
+def test_resume_passes_over_a_damaged_checkpoint_and_sets_it_aside(tiny_run, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(tiny_run[0], run)
+  _damage(run / "checkpoints" / "30", "corrupted")
+  result = run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={tiny_run[1]}", f"train.out_dir={run}",
+                   "train.max_iters=35", "--resume", "--no-progress")
+  assert result.returncode == 0, result.stderr
+  damaged, moved = result.stderr.strip().splitlines()  # a flipped byte that decompresses: the checksum tells
+  assert re.fullmatch(re.escape(f"gptjax: warning: checkpoint step 30 in {run / 'checkpoints'} is damaged (params[")
+                      + r".*\] is not what was saved\); using step 15", damaged), damaged
+  assert moved == f"gptjax: warning: moved the damaged checkpoint step 30 to {run / 'damaged'}"
+  assert "resuming at step 15 of 35" in result.stdout
+  assert load_checkpoint(run, "latest")[3] == 35 and (run / "checkpoints" / "30").is_dir()  # saved anew
+  assert (run / "damaged" / "30" / "params").is_dir()
