@@ -47,16 +47,19 @@ def checkpoint_dir(out_dir: str) -> pathlib.Path:
   return pathlib.Path(out_dir).absolute() / "checkpoints"
 
 
-def create_dir(out_dir: str) -> None:
-  try:
-    checkpoint_dir(out_dir).mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"cannot create {checkpoint_dir(out_dir)}: {e.strerror}") from None
-
-
-def check_writable(out_dir: str, checkpoint_bytes: int) -> None:
-  """Before step 0: OUT_DIR/checkpoints takes a written, synced file and has room for a checkpoint."""
+def create_dir(out_dir: str, checkpoint_bytes: int) -> None:
+  """Before step 0: OUT_DIR/checkpoints is created (if the file system has room for a checkpoint of
+  `checkpoint_bytes`) and takes a written, synced file."""
   directory = checkpoint_dir(out_dir)
+  existing = next(p for p in (directory, *directory.parents) if p.exists())
+  usage = shutil.disk_usage(existing) if existing.is_dir() else None
+  if usage and usage.total and usage.free < checkpoint_bytes:  # total 0: /proc and the like, refused below
+    raise UserError(f"{existing} has {usage.free / 2**20:,.1f} MiB free, a checkpoint of this run needs about "
+                    f"{checkpoint_bytes / 2**20:,.1f} MiB: free some space or choose another train.out_dir")
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create {directory}: {e.strerror}") from None
   probe = directory / f".gptjax-probe-{os.getpid()}"
   try:
     with open(probe, "wb") as f:
@@ -64,12 +67,8 @@ def check_writable(out_dir: str, checkpoint_bytes: int) -> None:
       f.flush()
       os.fsync(f.fileno())
     probe.unlink()
-    free = shutil.disk_usage(directory).free
   except OSError as e:
     raise UserError(f"cannot write checkpoints in {directory}: {e.strerror or e}") from None
-  if free < checkpoint_bytes:
-    raise UserError(f"{directory} has {free / 2**20:,.1f} MiB free, a checkpoint of this run needs about "
-                    f"{checkpoint_bytes / 2**20:,.1f} MiB: free some space or choose another train.out_dir")
 
 
 def _reason(e: BaseException) -> str:

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.resources
 import pathlib
 
+from omegaconf import DictConfig
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -86,6 +87,7 @@ class TrainConfig:
   eval_iters: int = 200  # batches per split for each evaluation
   log_interval: int = 10
   checkpoint_interval: int = 2000
+  checkpoint_minutes: float = 0.0  # also save when this long has passed since the last save (at a log step); 0: off
   keep_checkpoints: int = 2  # latest N are kept, plus the best by validation loss
   max_bad_steps: int = 20  # stop after this many consecutive steps with a non-finite loss or gradient
   seed: int = 1337
@@ -139,10 +141,19 @@ def load_config(name: str | None = None, overrides: list[str] = ()) -> Config:
     try:
       sources.append(OmegaConf.load(path))
     except Exception as e:  # YAML syntax errors, duplicate keys: several libraries' types
-      raise UserError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+      mark = getattr(e, "problem_mark", None)  # PyYAML's: what and where
+      what = f"{e.problem} at line {mark.line + 1}" if mark and getattr(e, "problem", None) else str(e).splitlines()[0]
+      raise UserError(f"cannot read config {path}: {what}") from None
+    if not isinstance(sources[-1], DictConfig):
+      raise UserError(f"config {path} holds a list, not a mapping of sections (model:, train:, ...)")
+  given = {}
   for item in overrides:
-    if "=" not in item:
+    key = item.split("=")[0]
+    if "=" not in item or "." not in key:  # `train=3` would replace the whole section
       raise UserError(f"bad override {item!r}: expected section.field=value")
+    if key in given:
+      raise UserError(f"{key} is given twice: {given[key]!r} and {item!r}")
+    given[key] = item
   try:
     sources.append(OmegaConf.from_dotlist(list(overrides)))
   except OmegaConfBaseException as e:
@@ -166,6 +177,7 @@ def validate(cfg: Config) -> Config:
       (min(t.eval_interval, t.checkpoint_interval, t.keep_checkpoints, t.max_bad_steps) > 0,
        "train.eval_interval, checkpoint_interval, keep_checkpoints and max_bad_steps must be positive"),
       (t.max_iters >= 0, f"train.max_iters={t.max_iters} is negative"),
+      (t.checkpoint_minutes >= 0, f"train.checkpoint_minutes={t.checkpoint_minutes} is negative (0 turns it off)"),
       (o.learning_rate > 0 and 0 <= o.min_lr <= o.learning_rate,
        "optim.learning_rate must be positive and optim.min_lr in [0, learning_rate]"),
       (o.warmup_iters >= 0 and o.lr_decay_iters > o.warmup_iters,

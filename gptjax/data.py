@@ -137,9 +137,15 @@ def load_meta(data_dir: str) -> dict:
   if not path.is_file():
     raise UserError(f"no prepared data in {data_dir}: run `gptjax prepare --out {data_dir}` first")
   try:
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = json.loads(path.read_text(encoding="utf-8"))
   except (ValueError, OSError) as e:
     raise UserError(f"{path} is not readable JSON ({e}): prepare the data again") from None
+  missing = [key for key in ("vocab_size", "dtype", "tokenizer") if not isinstance(meta, dict) or key not in meta]
+  if missing:
+    raise UserError(f"{path} lacks {', '.join(map(repr, missing))}: prepare the data again")
+  if meta["dtype"] not in ("uint16", "uint32"):
+    raise UserError(f"{path} names dtype {meta['dtype']!r}, not uint16 or uint32: prepare the data again")
+  return meta
 
 
 def load_tokens(data_dir: str, split: str) -> np.ndarray:
@@ -150,7 +156,12 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
     raise UserError(f"{path} is missing or empty: prepare the data again")
   if path.stat().st_size % np.dtype(meta["dtype"]).itemsize:
     raise UserError(f"{path} is not a whole number of {meta['dtype']} tokens (cut short?): prepare the data again")
-  return np.memmap(path, dtype=meta["dtype"], mode="r")
+  tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+  largest = int(tokens.max())  # one pass over the file; an id off the embedding table would train on garbage
+  if largest >= meta["vocab_size"]:
+    raise UserError(f"{path} holds token id {largest}, not below the vocabulary size {meta['vocab_size']} "
+                    "of its meta.json: prepare the data again")
+  return tokens
 
 
 class TokenBatches:

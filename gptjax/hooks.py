@@ -8,10 +8,12 @@ work (metrics writers, preemption checks, profiling) hangs on here the same way.
 import dataclasses
 import os
 import signal
+import time
 from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from gptjax import checkpoint
 from gptjax import data
@@ -79,12 +81,13 @@ class SaveCheckpoint:
     self.manager, self.evaluation, self.batches = manager, evaluation, batches
     self.cfg, self.tokenizer, self.throughput = cfg, tokenizer, throughput
     self.saving: int | None = None  # the step of the latest save begun
+    self.saved_at = time.monotonic()  # when it began (or training did)
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
     if self.evaluation.latest.get("step") != step:  # the best checkpoint is chosen by this step's val loss
       self.evaluation(step, state)
     self.wait()  # Orbax would wait for the previous save too; this way its failure names its step
-    self.saving = step
+    self.saving, self.saved_at = step, time.monotonic()
     with checkpoint.failed_saves_stop(self.manager, step):
       checkpoint.save(self.manager, step, params=state.params, opt_state=state.opt_state,
                       progress={"step": step, "data": self.batches.state()}, config=self.cfg,
@@ -108,6 +111,21 @@ class SaveCheckpoint:
       self.manager.close()
 
 
+class SaveEvery:
+  """A checkpoint once `minutes` have passed since the last save began: run it at log steps. In a
+  multi-process run process 0's clock decides for all."""
+
+  def __init__(self, save: SaveCheckpoint, minutes: float):
+    self.save, self.seconds = save, minutes * 60
+
+  def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
+    due = time.monotonic() - self.save.saved_at >= self.seconds
+    if jax.process_count() > 1:
+      due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+    if due and self.save.saving != step:
+      self.save(step, state, step_metrics)
+
+
 class Preempted(Exception):
   """Training stopped early on request (a signal); the message says how to go on."""
 
@@ -115,17 +133,22 @@ class Preempted(Exception):
 class SaveOnSignal:
   """On SIGTERM (a preemption, `scancel`) or SIGINT (Ctrl-C), the step under way finishes, a
   checkpoint of it is saved and waited for, and training stops; a second signal exits at once,
-  leaving the checkpoints as they are. The handlers are in place between `install` and `restore`."""
+  leaving the checkpoints as they are. The handlers are in place between `install` and `restore`.
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  In a multi-process run, JAX's preemption service (started by `jax.distributed.initialize`) takes
+  SIGTERM on any process, tells the others, and has all of them agree on the step to save, which
+  they learn by asking at every step. Ctrl-C is passed to it as a SIGTERM.
+  """
 
   def __init__(self, save: SaveCheckpoint, resume_hint: str):
     self.save, self.resume_hint = save, resume_hint
+    self.multiprocess = jax.process_count() > 1
     self.received: str | None = None
     self.previous = {}
 
   def install(self) -> None:
-    self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+    ours = (signal.SIGINT,) if self.multiprocess else (signal.SIGTERM, signal.SIGINT)
+    self.previous = {s: signal.signal(s, self._on_signal) for s in ours}
 
   def restore(self) -> None:
     for s, handler in self.previous.items():
@@ -135,11 +158,17 @@ class SaveOnSignal:
     if self.received is not None:
       os._exit(128 + signum)  # the second signal: now, without touching the checkpoints
     self.received = signal.Signals(signum).name
+    if self.multiprocess:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
-    if self.received is None:
+    if self.multiprocess:
+      if not multihost_utils.reached_preemption_sync_point(step):
+        return
+      self.received = self.received or "a preemption notice"
+    elif self.received is None:
       return
-    if self.save.manager.latest_step() != step:
+    if self.save.saving != step:
       self.save(step, state, step_metrics)
     self.save.wait()
     raise Preempted(f"stopped by {self.received} at step {step}, saved in {self.save.cfg.train.out_dir}; "

@@ -128,8 +128,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
 
   tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
-  checkpoint.create_dir(t.out_dir)  # only once the run is known to be sound: bad input writes nothing
-  checkpoint.check_writable(t.out_dir, _checkpoint_bytes(cfg.model, tx))
+  checkpoint.create_dir(t.out_dir, _checkpoint_bytes(cfg.model, tx))  # once the run is known sound: bad input writes nothing
   run_lock = lock.RunLock(t.out_dir)
   if jax.process_index() == 0:  # the other processes of a multi-host run write into the same run
     run_lock.acquire()
@@ -163,6 +162,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
       hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps), every=(t.log_interval,)),
       hooks.Hook(evaluation, every=(t.eval_interval,)),
       hooks.Hook(save, every=(t.checkpoint_interval,)),
+      *([hooks.Hook(hooks.SaveEvery(save, t.checkpoint_minutes), every=(t.log_interval,))] if t.checkpoint_minutes else []),
       hooks.Hook(save.check, every=(1,)),
       hooks.Hook(on_signal, every=(1,)),
   ]

@@ -24,10 +24,17 @@ TINY_OVERRIDES = [
 ]
 
 
+def tiny(*extra) -> list[str]:
+  """TINY_OVERRIDES with `extra` overrides (and flags) added, replacing those of the same key: a key
+  given twice on a command line is an error."""
+  merged = {item.split("=")[0]: item for item in [*TINY_OVERRIDES, *extra]}  # the last of each key
+  return list(merged.values())
+
+
 def tiny_config(tmp_path, *extra) -> config_lib.Config:
   """A 2-layer, 32-wide model on prepared Shakespeare characters, writing under tmp_path."""
-  return config_lib.load_config("shakespeare_char_cpu", TINY_OVERRIDES + [
-      f"data.dir={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'out'}", *extra])
+  return config_lib.load_config("shakespeare_char_cpu", tiny(
+      f"data.dir={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'out'}", *extra))
 
 
 def load_checkpoint(out_dir, which="best"):
@@ -80,7 +87,7 @@ def char_data(tmp_path_factory):
 def tiny_run(tmp_path_factory, char_data):
   """A tiny model trained for 30 steps through the command line: (out_dir, data_dir)."""
   out = tmp_path_factory.mktemp("tiny_run") / "out"
-  result = run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}",
-                   f"train.out_dir={out}", "--no-progress")
+  result = run_cli("train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", f"train.out_dir={out}"),
+                   "--no-progress")
   assert result.returncode == 0, result.stderr
   return out, char_data

@@ -16,7 +16,7 @@ import pytest
 from gptjax import checkpoint
 from gptjax import config as config_lib
 
-from conftest import TINY_OVERRIDES, digest, load_checkpoint, one_line_error, run_cli, start_cli, tiny_config
+from conftest import digest, load_checkpoint, one_line_error, run_cli, start_cli, tiny, tiny_config
 
 
 def test_keeps_the_latest_and_the_best_by_validation_loss(tmp_path):
@@ -62,10 +62,10 @@ def test_a_checkpoint_of_the_old_layout_is_refused_with_the_way_forward(tmp_path
   one_line_error(run_cli("sample", "--checkpoint", old, "--max-new-tokens", 5), *how)
   one_line_error(run_cli("perplexity", "--checkpoint", old, "--split", "val"), *how)
   one_line_error(run_cli("convert", "export", old, tmp_path / "hf"), *how)
-  one_line_error(run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}",
-                         f"train.out_dir={old}", "--resume"), *how)
-  one_line_error(run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}",
-                         f"train.init_from={old}", f"train.out_dir={tmp_path / 'tuned'}"), *how)
+  one_line_error(run_cli("train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", f"train.out_dir={old}"),
+                         "--resume"), *how)
+  one_line_error(run_cli("train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", f"train.init_from={old}",
+                                                                 f"train.out_dir={tmp_path / 'tuned'}")), *how)
   assert digest(old) == before and not (tmp_path / "hf").exists()
 
 
@@ -79,8 +79,8 @@ def test_every_checkpoint_records_its_layout(tiny_run):
 
 
 def _train_args(char_data, out, *extra):
-  return ["train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}", f"train.out_dir={out}",
-          "--no-progress", *extra]
+  return ["train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", f"train.out_dir={out}", *extra),
+          "--no-progress"]
 
 
 def test_a_save_that_fails_stops_the_run_and_the_earlier_checkpoints_load(tmp_path, char_data):
@@ -188,8 +188,8 @@ def test_resume_passes_over_a_damaged_checkpoint_and_sets_it_aside(tiny_run, tmp
   run = tmp_path / "run"
   shutil.copytree(tiny_run[0], run)
   _damage(run / "checkpoints" / "30", "corrupted")
-  result = run_cli("train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={tiny_run[1]}", f"train.out_dir={run}",
-                   "train.max_iters=35", "--resume", "--no-progress")
+  result = run_cli("train", "shakespeare_char_cpu", *tiny(f"data.dir={tiny_run[1]}", f"train.out_dir={run}",
+                                                         "train.max_iters=35"), "--resume", "--no-progress")
   assert result.returncode == 0, result.stderr
   damaged, moved = result.stderr.strip().splitlines()  # a flipped byte that decompresses: the checksum tells
   assert re.fullmatch(re.escape(f"gptjax: warning: checkpoint step 30 in {run / 'checkpoints'} is damaged (params[")

@@ -3,6 +3,7 @@ device, parameters placed as the rules say, checkpoints that move between meshes
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gptjax import cli
 from gptjax import sharding
 from gptjax import train
+from gptjax.errors import UserError
 
-from conftest import TINY_OVERRIDES, load_checkpoint, one_line_error, run_cli, tiny_config
+from conftest import digest, load_checkpoint, one_line_error, run_cli, tiny, tiny_config
 
 # 8 heads so that tensor=8 splits them; the 77-character vocabulary divides no tensor size > 1.
 SHORT_RUN = ["model.n_head=8", "train.max_iters=4", "train.eval_interval=4", "train.checkpoint_interval=4",
@@ -100,34 +102,69 @@ def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, char_data):
   _assert_placed_by_rules(resumed[1], (2, 2, 2))
 
 
-def test_two_processes_train_like_one(tmp_path, char_data):
-  """Two local processes of 4 CPU devices each, joined by jax.distributed (CPU collectives over
-  gloo), against one process of 8 devices with the same global batch."""
-  overrides = [*TINY_OVERRIDES, f"data.dir={char_data}", *SHORT_RUN, *_mesh_overrides((2, 2, 2))]
+def test_batch_that_the_mesh_does_not_divide(tmp_path, char_data):
+  before = digest(char_data)
+  with pytest.raises(UserError, match=r"train.batch_size=12 is not divisible by data\*fsdp=8"):
+    train.train(tiny_config(tmp_path, f"data.dir={char_data}", "train.batch_size=12"), progress_bar=False)
+  assert not (tmp_path / "out").exists() and digest(char_data) == before
+
+
+def _start_two_processes(out_dir, overrides, *flags) -> list[subprocess.Popen]:
+  """`gptjax train` as two local processes of 4 CPU devices each, joined by jax.distributed (CPU
+  collectives over gloo)."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   command = [sys.executable, "-m", "gptjax.cli", "train", "shakespeare_char_cpu", *overrides,
-             f"train.out_dir={tmp_path / 'two'}", f"distributed.coordinator_address=localhost:{port}",
-             "distributed.num_processes=2", "--no-progress"]
-  processes = [subprocess.Popen(command + [f"distributed.process_id={i}"], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+             f"train.out_dir={out_dir}", f"distributed.coordinator_address=localhost:{port}",
+             "distributed.num_processes=2", "--no-progress", *flags]
+  return [subprocess.Popen(command + [f"distributed.process_id={i}"], env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+
+
+def _finish(processes) -> list[str]:
+  """Each process's stdout, once all have exited 0."""
   outputs = [p.communicate(timeout=600) for p in processes]
   for p, (_, stderr) in zip(processes, outputs):
     assert p.returncode == 0, stderr[-3000:]
+  return [stdout for stdout, _ in outputs]
+
+
+def test_two_processes_train_like_one(tmp_path, char_data):
+  """Two processes of 4 devices against one process of 8 devices with the same global batch."""
+  overrides = tiny(f"data.dir={char_data}", *SHORT_RUN, *_mesh_overrides((2, 2, 2)))
+  outputs = _finish(_start_two_processes(tmp_path / "two", overrides))
 
   one, one_state = train.train(tiny_config(tmp_path / "one", f"data.dir={char_data}", *SHORT_RUN,
                                            *_mesh_overrides((2, 2, 2))), progress_bar=False)
-  assert "8 cpu devices" in outputs[0][0]
-  assert f"done: step 4, train loss {one['train_loss']:.4f}, val loss {one['val_loss']:.4f}" in outputs[0][0]
+  assert "8 cpu devices" in outputs[0]
+  assert f"done: step 4, train loss {one['train_loss']:.4f}, val loss {one['val_loss']:.4f}" in outputs[0]
   # Only process 0 logs. (Gloo's own connection messages, printed by both processes from several
   # threads, can interleave mid-line, so look for gptjax's lines rather than for an empty stdout.)
   for gptjax_line in ("gptjax:", "memory per device", "step 4:", "done:"):
-    assert gptjax_line in outputs[0][0] and gptjax_line not in outputs[1][0], gptjax_line
+    assert gptjax_line in outputs[0] and gptjax_line not in outputs[1], gptjax_line
   two_params = load_checkpoint(str(tmp_path / "two"), "latest")[2]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5),
                jax.device_get(two_params), jax.device_get(one_state.params))
+
+
+def test_two_processes_agree_on_the_step_to_save_when_one_is_preempted(tmp_path, char_data):
+  """SIGTERM to process 1 alone (which logs nothing): JAX's preemption service has both processes
+  save the same step and exit 0; --resume on both then finishes the run."""
+  overrides = tiny(f"data.dir={char_data}", "train.max_iters=100000", "train.log_interval=1",
+                   "train.checkpoint_interval=100000", "train.eval_interval=100000")
+  processes = _start_two_processes(tmp_path, overrides)
+  for line in processes[0].stdout:
+    if line.startswith("step 3: loss"):
+      processes[1].send_signal(signal.SIGTERM)
+      break
+  stdout = _finish(processes)[0]
+  stopped = int(re.search(r"stopped by a preemption notice at step (\d+), saved in", stdout).group(1))
+  assert 3 <= stopped < 100000 and load_checkpoint(tmp_path, "latest")[3] == stopped
+  overrides = tiny(*overrides, f"train.max_iters={stopped + 2}")
+  assert f"done: step {stopped + 2}" in _finish(_start_two_processes(tmp_path, overrides, "--resume"))[0]
+  assert load_checkpoint(tmp_path, "latest")[3] == stopped + 2
 
 
 def _in_process(capsys, *args):

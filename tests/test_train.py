@@ -5,14 +5,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
+from gptjax import checkpoint
 from gptjax import train
 
-from conftest import TINY_OVERRIDES, load_checkpoint, one_line_error, run_cli, start_cli, tiny_config
+from conftest import digest, load_checkpoint, one_line_error, run_cli, start_cli, tiny, tiny_config
 
 
 def _final_params(out_dir):
@@ -58,39 +60,75 @@ def test_resume_may_change_how_the_blocks_run(tmp_path, char_data):
   assert load_checkpoint(tmp_path / "b" / "out", "latest")[0].model.scan_layers  # the run's config records it
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sigterm_saves_the_step_under_way_and_resume_continues_exactly(tmp_path, char_data, seed):
+@pytest.mark.parametrize("signum, seed", [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGKILL, 2)])
+def test_stopped_at_a_random_step_then_resumed_exactly(tmp_path, char_data, signum, seed):
   """SIGTERM at a random step: that step is saved, the exit is 0, and --resume ends where an
-  uninterrupted run ends, bit for bit; a second signal would not have waited."""
-  args = ["train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}", "train.max_iters=20",
-          "train.log_interval=1", "train.checkpoint_interval=8", "train.eval_interval=8", "model.dropout=0.1",
+  uninterrupted run ends, bit for bit. kill -9: --resume starts from the last checkpoint (taking
+  over the dead trainer's lock) and ends the same."""
+  args = ["train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", "train.max_iters=40", "train.log_interval=1",
+                                                 "train.checkpoint_interval=8", "train.eval_interval=8", "model.dropout=0.1"),
           "--no-progress"]
   straight = run_cli(*args, f"train.out_dir={tmp_path / 'straight'}")
   assert straight.returncode == 0, straight.stderr
 
-  stop_at = random.Random(seed).randrange(2, 17)
+  stop_at = random.Random(seed).randrange(2, 30)
   process = start_cli(*args, f"train.out_dir={tmp_path / 'stopped'}")
   for line in process.stdout:
     if line.startswith(f"step {stop_at}: loss"):
-      process.send_signal(signal.SIGTERM)
+      while signum == signal.SIGKILL and not (tmp_path / "stopped" / "checkpoints" / "8").is_dir():
+        time.sleep(0.01)  # a checkpoint to resume from (it is written in the background)
+      process.send_signal(signum)
       break
   stdout, stderr = process.communicate(timeout=300)
-  assert process.returncode == 0, stderr
-  stopped = int(re.search(r"stopped by SIGTERM at step (\d+), saved in", stdout).group(1))
-  assert stop_at <= stopped < 20 and "continue with: gptjax train shakespeare_char_cpu" in stdout
-  assert load_checkpoint(tmp_path / "stopped", "latest")[3] == stopped
+  if signum == signal.SIGTERM:
+    assert process.returncode == 0, stderr
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+), saved in", stdout).group(1))
+    assert stop_at <= stopped < 40 and "continue with: gptjax train shakespeare_char_cpu" in stdout
+    assert load_checkpoint(tmp_path / "stopped", "latest")[3] == stopped
+  else:
+    assert process.returncode == -signal.SIGKILL and (tmp_path / "stopped" / "gptjax.lock").exists()
+    assert load_checkpoint(tmp_path / "stopped", "latest")[3] % 8 == 0
 
   resumed = run_cli(*args, f"train.out_dir={tmp_path / 'stopped'}", "--resume")
   assert resumed.returncode == 0, resumed.stderr
   done = [r.stdout.strip().splitlines()[-1] for r in (straight, resumed)]
-  assert done[0].startswith("done: step 20") and done[0] == done[1]
+  assert done[0].startswith("done: step 40") and done[0] == done[1]
   a, b = (_final_params(tmp_path / name) for name in ("straight", "stopped"))
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_a_second_signal_exits_at_once_leaving_the_checkpoints_intact(tmp_path, char_data):
+  out = tmp_path / "out"
+  process = start_cli("train", "shakespeare_char_cpu", *tiny(
+      f"data.dir={char_data}", f"train.out_dir={out}", "train.max_iters=5000", "train.log_interval=1",
+      "train.checkpoint_interval=4", "train.eval_interval=4"), "--no-progress")
+  for line in process.stdout:
+    if line.startswith("step 9: loss"):
+      process.send_signal(signal.SIGTERM)
+      process.send_signal(signal.SIGTERM)
+      break
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 128 + signal.SIGTERM and "stopped by" not in stdout and not stderr.strip(), stderr
+  manager = checkpoint.open_manager(str(out), create=False)
+  for step in manager.all_steps():  # whatever was finished is whole; nothing half-written counts
+    assert load_checkpoint(out, str(step))[3] == step
+  manager.close()
+
+
+def test_time_based_checkpoints(tmp_path, char_data):
+  """train.checkpoint_minutes: a save at the first log step after that long (here: at every one)."""
+  cfg = tiny_config(tmp_path, f"data.dir={char_data}", "train.max_iters=20", "train.log_interval=5",
+                    "train.checkpoint_interval=1000", "train.eval_interval=1000", "train.keep_checkpoints=10",
+                    "train.checkpoint_minutes=1e-6")
+  train.train(cfg, progress_bar=False, devices=jax.devices()[:1])
+  manager = checkpoint.open_manager(str(tmp_path / "out"), create=False)
+  assert manager.all_steps() == [5, 10, 15, 20]
+  manager.close()
+
+
 def test_a_second_trainer_on_the_same_run_is_refused_and_a_stale_lock_is_not(tmp_path, char_data):
-  args = ["train", "shakespeare_char_cpu", *TINY_OVERRIDES, f"data.dir={char_data}", f"train.out_dir={tmp_path}",
-          "train.log_interval=1", "train.max_iters=5000", "train.checkpoint_interval=5000", "--no-progress"]
+  args = ["train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", f"train.out_dir={tmp_path}", "train.log_interval=1",
+                                                 "train.max_iters=5000", "train.checkpoint_interval=5000"), "--no-progress"]
   first = start_cli(*args)
   for line in first.stdout:
     if line.startswith("step 3: loss"):
@@ -109,3 +147,29 @@ def test_a_second_trainer_on_the_same_run_is_refused_and_a_stale_lock_is_not(tmp
   again = run_cli(*args[:-3], f"train.max_iters={stopped_at + 2}", "--resume", "--no-progress")
   assert again.returncode == 0, again.stderr
   assert load_checkpoint(tmp_path, "latest")[3] == stopped_at + 2
+
+
+@pytest.mark.parametrize("log, save", [(1, 1), (10, 1), (2, 3)])
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, char_data, log, save):
+  """A learning rate of 1e9 makes the loss NaN from step 3 on: those updates are skipped, the run
+  stops after train.max_bad_steps of them, and every checkpoint holds finite parameters."""
+  out = tmp_path / "out"
+  before = digest(char_data)
+  result = run_cli("train", "shakespeare_char_cpu", *tiny(
+      f"data.dir={char_data}", f"train.out_dir={out}", "optim.learning_rate=1e9", "optim.min_lr=0", "optim.grad_clip=0",
+      "train.max_bad_steps=3", f"train.log_interval={log}", f"train.checkpoint_interval={save}",
+      f"train.eval_interval={save}"), "--no-progress")
+  one_line_error(result, "not finite for", "steps in a row, from step 3 (train.max_bad_steps=3)",
+                 "lower optim.learning_rate")
+  assert "skipped 1 non-finite steps so far" in result.stdout or log > 1
+  manager = checkpoint.open_manager(str(out), create=False)
+  assert manager.all_steps()
+  for step in manager.all_steps():
+    params = checkpoint.load_for_inference(str(out), str(step))[2]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params))), step
+  if save == 1:  # step 1 (a learning rate of 0) is the one finite validation loss: it is the best, and kept
+    assert manager.best_step() == 1
+  manager.close()
+  assert digest(char_data) == before
+  sampled = run_cli("sample", "--checkpoint", out, "--max-new-tokens", 5, "--num-samples", 1)
+  assert sampled.returncode == 0, sampled.stderr

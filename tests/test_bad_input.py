@@ -1,0 +1,138 @@
+"""Every bad input the README's table lists: one `gptjax: error:` line, exit status 2, and no file
+changed in the run directory, the prepared data, or the inputs given. Each case runs the command
+as a user would, against the tiny trained run; `{new}` is a path that must stay uncreated."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from gptjax import data
+
+from conftest import digest, one_line_error, run_cli, tiny
+
+
+
+def train(*overrides):
+  """`gptjax train` of the tiny model on the prepared data into {new}, with `overrides`."""
+  return ["train", "shakespeare_char_cpu", *tiny("data.dir={data}", "train.out_dir={new}", *overrides)]
+
+
+SAMPLE = ["sample", "--checkpoint", "{run}", "--max-new-tokens", "5"]
+PERPLEXITY = ["perplexity", "--checkpoint", "{run}"]
+
+CASES = {
+    # prepare
+    "prepare: no such input": (["prepare", "--input", "{inp}/nope.txt", "--out", "{new}"], "no text found"),
+    "prepare: empty text": (["prepare", "--input", "{inp}/empty.txt", "--out", "{new}"], "holds no text"),
+    "prepare: text not UTF-8": (["prepare", "--input", "{inp}/latin1.txt", "--out", "{new}"], "is not UTF-8 text"),
+    "prepare: over prepared data": (["prepare", "--out", "{data}"], "already holds prepared data; pass --overwrite"),
+    "prepare: bad --val-fraction": (["prepare", "--val-fraction", "1.5", "--out", "{new}"], "val_fraction=1.5 is not in (0, 1)"),
+    "prepare: unknown tokenizer": (["prepare", "--tokenizer", "bpe", "--out", "{new}"], "invalid choice: 'bpe'"),
+    # train: the config
+    "unknown config name": (["train", "shakespeare_xl"], "unknown config 'shakespeare_xl'", "shakespeare_char_cpu"),
+    "config file missing": (["train", "{inp}/missing.yaml"], "missing.yaml does not exist"),
+    "config YAML syntax error": (["train", "{inp}/syntax.yaml"], "cannot read config"),
+    "config YAML duplicate key": (["train", "{inp}/duplicate.yaml"], "cannot read config", "duplicate.yaml: found duplicate key model at line 3"),
+    "config YAML a list": (["train", "{inp}/list.yaml"], "list.yaml holds a list, not a mapping of sections"),
+    "unknown field": (train("model.n_layers=4"), "Key 'n_layers' not in 'ModelConfig'"),
+    "unknown section": (train("nonsense.key=1"), "Key 'nonsense' not in 'Config'"),
+    "value of the wrong type": (train("train.max_iters=many"), "train.max_iters"),
+    "dropout out of range": (train("model.dropout=2.0"), "model.dropout=2.0 is not in [0, 1)"),
+    "heads do not divide width": (train("model.n_head=5"), "not divisible by model.n_head=5"),
+    "zero heads": (train("model.n_head=0"), "n_layer, n_head and n_embd must be positive"),
+    "old remat flag": (train("model.remat=true"), "(what was model.remat=true is now full)"),
+    "max_bad_steps 0": (train("train.max_bad_steps=0"), "max_bad_steps must be positive"),
+    "checkpoint_minutes negative": (train("train.checkpoint_minutes=-1"), "train.checkpoint_minutes=-1.0 is negative"),
+    "negative process count": (train("distributed.num_processes=-2"), "distributed.num_processes=-2 is negative"),
+    "override without =": (train("train.max_iters"), "bad override 'train.max_iters': expected section.field=value"),
+    "a section set to a value": (train("train=3"), "bad override 'train=3': expected section.field=value"),
+    "the same key twice": ([*train(), "train.max_iters=7"], "train.max_iters is given twice"),
+    "mesh does not divide devices": (train("mesh.fsdp=3"), "mesh axes [-1, 3, 1] do not divide the 1 devices"),
+    # train: the data
+    "data not prepared": (["train", "shakespeare_char_cpu", "data.dir={inp}/none", "train.out_dir={new}"],
+                          "no prepared data", "gptjax prepare"),
+    "data shorter than a block": (train("data.dir={inp}/short", "train.out_dir={new}"), "fewer than one block"),
+    "meta.json not JSON": (train("data.dir={inp}/meta_not_json", "train.out_dir={new}"), "meta.json is not readable JSON"),
+    "meta.json incomplete": (train("data.dir={inp}/meta_incomplete", "train.out_dir={new}"),
+                             "meta.json lacks 'vocab_size'"),
+    "train.bin cut short": (train("data.dir={inp}/odd_bin", "train.out_dir={new}"),
+                            "train.bin is not a whole number of uint16 tokens"),
+    "token ids beyond the vocabulary": (train("data.dir={inp}/big_ids", "train.out_dir={new}"),
+                                        "train.bin holds token id 200, not below the vocabulary size 77"),
+    # train: the run directory
+    "an existing run without --resume": (train("data.dir={data}", "train.out_dir={run}"), "already holds checkpoints", "--resume"),
+    "--resume with no checkpoint": (train("--resume"), "--resume: no checkpoint"),
+    "--resume with another model": (train("train.out_dir={run}", "model.n_layer=3", "--resume"),
+                                    "model config differs"),
+    "out_dir is a file": (train("data.dir={data}", "train.out_dir={inp}/a_file"), "cannot create", "Not a directory"),
+    "out_dir under /proc": (train("data.dir={data}", "train.out_dir=/proc/gptjax-run"), "cannot create /proc/gptjax-run"),
+    "no room for a checkpoint": (train("model.n_layer=200", "model.n_embd=16384", "model.n_head=128"),
+                                 "MiB free, a checkpoint of this run needs about"),
+    "init_from nothing": (train("train.init_from={inp}/none"), "no checkpoint in"),
+    "init_from another tokenizer": (train("data.dir={inp}/abc", "train.out_dir={new}", "train.init_from={run}"),
+                                    "was prepared with another tokenizer (char, 4 characters)", "(char, 77 characters)"),
+    # sample
+    "sample: no checkpoint": (["sample", "--checkpoint", "{inp}/none"], "no checkpoint in"),
+    "sample: unknown flag": ([*SAMPLE, "--temprature", "1"], "unrecognized arguments"),
+    "sample: top-k too large": ([*SAMPLE, "--top-k", "1000"], "top_k=1000 is not in [0, 77]"),
+    "sample: negative temperature": ([*SAMPLE, "--temperature", "-0.5"], "temperature=-0.5 is not a number >= 0"),
+    "sample: temperature nan": ([*SAMPLE, "--temperature", "nan"], "temperature=nan is not a number >= 0"),
+    "sample: top-p 0": ([*SAMPLE, "--top-p", "0"], "top_p=0.0 is not in (0, 1]"),
+    "sample: no such step": ([*SAMPLE, "--step", "123456"], "no checkpoint '123456'"),
+    "sample: no samples": ([*SAMPLE, "--num-samples", "0"], "num_samples must be positive"),
+    "sample: negative length": ([*SAMPLE, "--max-new-tokens", "-1"], "max_new_tokens non-negative"),
+    "sample: prompt outside the vocabulary": ([*SAMPLE, "--prompt", "\u00e9t\u00e9"], "is not in the character vocabulary"),
+    "sample: prompt file not UTF-8": ([*SAMPLE, "--prompt-file", "{inp}/latin1.txt"], "is not UTF-8 text"),
+    "sample: prompt file missing": ([*SAMPLE, "--prompt-file", "{inp}/nope.txt"], "cannot read --prompt-file"),
+    "sample: a model override": ([*SAMPLE, "model.n_layer=3"], "only mesh.* overrides apply here, not 'model.n_layer=3'"),
+    # perplexity
+    "perplexity: no checkpoint": (["perplexity", "--checkpoint", "{inp}/none", "--split", "val"], "no checkpoint in"),
+    "perplexity: no such step": ([*PERPLEXITY, "--split", "val", "--step", "123456"], "no checkpoint '123456'"),
+    "perplexity: batch size 0": ([*PERPLEXITY, "--split", "val", "--batch-size", "0"], "batch_size=0 is not positive"),
+    "perplexity: stride 0": ([*PERPLEXITY, "--split", "val", "--stride", "0"], "stride=0 is not in [1, block_size=32]"),
+    "perplexity: mesh does not divide devices": ([*PERPLEXITY, "--split", "val", "mesh.fsdp=3"],
+                                                 "mesh axes [-1, 3, 1] do not divide the 1 devices"),
+    "perplexity: text outside the vocabulary": ([*PERPLEXITY, "--text", "{inp}/french.txt"], "is not in the character vocabulary"),
+    "perplexity: no such text": ([*PERPLEXITY, "--text", "{inp}/nope.txt"], "no text found"),
+    "perplexity: data of another tokenizer": ([*PERPLEXITY, "--split", "val", "--data-dir", "{inp}/abc"],
+                                              "was prepared with another tokenizer than the checkpoint's"),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, char_data):
+  """The odd files and prepared-data folders that the cases pass."""
+  d = tmp_path_factory.mktemp("inputs")
+  (d / "empty.txt").write_text("  \n")
+  (d / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e ".encode("latin-1") * 20)
+  (d / "french.txt").write_text("\u00e9t\u00e9 \u00e0 Paris")
+  (d / "a_file").write_text("not a directory")
+  (d / "syntax.yaml").write_text("model:\n  n_layer: [1, 2\n")
+  (d / "duplicate.yaml").write_text("model:\n  n_layer: 2\nmodel:\n  n_head: 2\n")
+  (d / "list.yaml").write_text("- model\n- train\n")
+  (d / "short.txt").write_text("To be, or not to be, that is the question. " * 3)
+  data.prepare(str(d / "short.txt"), "char", str(d / "short"))
+  (d / "abc.txt").write_text("abc cab bac " * 400)
+  data.prepare(str(d / "abc.txt"), "char", str(d / "abc"))
+  for name in ("meta_not_json", "meta_incomplete", "odd_bin", "big_ids"):
+    shutil.copytree(char_data, d / name)
+  (d / "meta_not_json" / "meta.json").write_text("{not json")
+  (d / "meta_incomplete" / "meta.json").write_text('{"dtype": "uint16"}')
+  with open(d / "odd_bin" / "train.bin", "ab") as f:
+    f.write(b"\0")  # one byte: half a uint16 token
+  tokens = np.fromfile(d / "big_ids" / "train.bin", np.uint16)
+  tokens[1000] = 200  # 77 characters: ids 0..76
+  tokens.tofile(d / "big_ids" / "train.bin")
+  return d
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(tiny_run, inputs, tmp_path, case):
+  args, *fragments = CASES[case]
+  run, data_dir = tiny_run
+  before = digest(run), digest(data_dir), digest(inputs)
+  paths = {"run": run, "data": data_dir, "inp": inputs, "new": tmp_path / "new"}
+  one_line_error(run_cli(*[arg.format(**paths) for arg in args]), *fragments)
+  assert (digest(run), digest(data_dir), digest(inputs)) == before
+  assert not (tmp_path / "new").exists()
