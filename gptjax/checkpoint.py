@@ -1,4 +1,5 @@
-"""Orbax checkpoints: OUT_DIR/checkpoints/<step>/{params, opt_state, progress, config, tokenizer, format}.
+"""Orbax checkpoints: OUT_DIR/checkpoints/<step>/{params, opt_state, progress, config, tokenizer,
+checksums, format}.
 
 The latest `keep` checkpoints are kept for resuming, plus the one with the lowest validation
 loss. Parameters and optimizer state are separate items so that sampling and evaluation read only
@@ -7,6 +8,11 @@ on one mesh loads on another. A weights-only checkpoint (`save_weights`: step 0 
 and tokenizer, as `gptjax convert import` writes) can be sampled, evaluated and fine-tuned from, but
 not resumed. Every checkpoint records its layout version (`format`); one of another layout is
 refused with a line that says how to carry it over, never read as something it is not.
+
+Writing and reading fail safely. Before a run, the directory is checked for writes and room; a save
+that fails stops the run in one line (`failed_saves_stop`). Every load is checked against the
+checksums saved with the arrays; a damaged step is passed over for the newest intact one with a
+warning (`first_intact`), and `--resume` moves it to OUT_DIR/damaged so new saves are not skipped.
 """
 
 import contextlib

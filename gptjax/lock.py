@@ -23,10 +23,22 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
+  """`with RunLock(out_dir):` holds the lock (if `hold`: one process of a multi-host run does) and
+  releases it however the block ends."""
 
-  def __init__(self, out_dir: str):
+  def __init__(self, out_dir: str, hold: bool = True):
     self.path = pathlib.Path(out_dir) / "gptjax.lock"
     self.mine = {"host": socket.gethostname(), "pid": os.getpid()}
+    self.hold = hold
+
+  def __enter__(self) -> "RunLock":
+    if self.hold:
+      self.acquire()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self.hold:
+      self.release()
 
   def acquire(self) -> None:
     """Takes the lock, or raises a UserError naming the trainer that holds it."""

@@ -104,6 +104,27 @@ def initial_state(cfg: config_lib.Config, steps: steps_lib.Steps, tx, manager, r
   return steps_lib.init_state(cfg.model, tx, steps.shardings, cfg.train.seed)
 
 
+def _loss_estimator(steps: steps_lib.Steps, splits: dict, batch_args: dict, mesh, t: config_lib.TrainConfig):
+  """params -> {"train_loss", "val_loss"}: the mean loss of `t.eval_iters` fixed batches of each split."""
+  def estimate(params) -> dict:
+    losses = {}
+    for split, seed in (("train", t.seed + 1), ("val", t.seed + 2)):
+      batches = data.TokenBatches(splits[split], seed=seed, **batch_args)
+      losses[f"{split}_loss"] = float(np.mean(jax.device_get(
+          [steps.eval(params, *(sharding.put_batch(a, mesh) for a in batches.batch(i))) for i in range(t.eval_iters)])))
+    return losses
+  return estimate
+
+
+def _start_line(cfg: config_lib.Config, steps: steps_lib.Steps, mesh, start_step: int, resume: bool) -> str:
+  t = cfg.train
+  return (f"gptjax: {model_lib.count_params(steps.abstract.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+          f"{jax.device_count()} {jax.devices()[0].platform} devices, "
+          f"{t.batch_size * t.grad_accum_steps * cfg.model.block_size} tokens/step, "
+          f"{'resuming at' if resume else 'starting at'} step {start_step} of {t.max_iters}"
+          f"{f', fine-tuning {t.init_from}' if t.init_from else ''}")
+
+
 def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = True,
           devices=None, resume_hint: str = "the same command with --resume") -> tuple[dict, TrainState]:
   """Trains as `cfg` says; returns the final {"step", "train_loss", "val_loss"} and TrainState,
@@ -126,65 +147,47 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   train_batches = data.TokenBatches(splits["train"], accum_steps=t.grad_accum_steps, seed=t.seed,
                                     name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
-
   tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
   checkpoint.create_dir(t.out_dir, _checkpoint_bytes(cfg.model, tx))  # once the run is known sound: bad input writes nothing
-  run_lock = lock.RunLock(t.out_dir)
-  if jax.process_index() == 0:  # the other processes of a multi-host run write into the same run
-    run_lock.acquire()
-  steps = steps_lib.compile_steps(cfg, tx, schedule, mesh)
-  state = initial_state(cfg, steps, tx, manager, resume_step, source_step, train_batches)
 
-  def estimate_losses(params) -> dict:
-    losses = {}
-    for split, seed in (("train", t.seed + 1), ("val", t.seed + 2)):
-      batches = data.TokenBatches(splits[split], seed=seed, **batch_args)
-      losses[f"{split}_loss"] = float(np.mean(jax.device_get(
-          [steps.eval(params, *(sharding.put_batch(a, mesh) for a in batches.batch(i))) for i in range(t.eval_iters)])))
-    return losses
+  with lock.RunLock(t.out_dir, hold=jax.process_index() == 0):  # process 0 holds it for a multi-host run
+    steps = steps_lib.compile_steps(cfg, tx, schedule, mesh)
+    state = initial_state(cfg, steps, tx, manager, resume_step, source_step, train_batches)
+    start_step = int(state.step)
+    log = tqdm.write if jax.process_index() == 0 else (lambda message: None)  # above the progress bar
+    bar = tqdm(total=t.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
+               disable=None if progress_bar and jax.process_index() == 0 else True)  # None: only on a terminal
+    log(_start_line(cfg, steps, mesh, start_step, resume))
+    log(metrics.memory_report(steps.abstract, steps.shardings, steps.train))
 
-  start_step = int(state.step)
-  log = tqdm.write if jax.process_index() == 0 else (lambda message: None)  # above the progress bar
-  bar = tqdm(total=t.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
-             disable=None if progress_bar and jax.process_index() == 0 else True)  # None: only on a terminal
-  log(f"gptjax: {model_lib.count_params(steps.abstract.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
-      f"{jax.device_count()} {jax.devices()[0].platform} devices, "
-      f"{t.batch_size * t.grad_accum_steps * cfg.model.block_size} tokens/step, "
-      f"{'resuming at' if resume else 'starting at'} step {start_step} of {t.max_iters}"
-      f"{f', fine-tuning {t.init_from}' if t.init_from else ''}")
-  log(metrics.memory_report(steps.abstract, steps.shardings, steps.train))
-
-  throughput = metrics.Throughput(cfg, start_step)
-  evaluation = hooks.Evaluate(estimate_losses, log, throughput)
-  save = hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput)
-  on_signal = hooks.SaveOnSignal(save, resume_hint)
-  loop_hooks = [
-      hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps), every=(t.log_interval,)),
-      hooks.Hook(evaluation, every=(t.eval_interval,)),
-      hooks.Hook(save, every=(t.checkpoint_interval,)),
-      *([hooks.Hook(hooks.SaveEvery(save, t.checkpoint_minutes), every=(t.log_interval,))] if t.checkpoint_minutes else []),
-      hooks.Hook(save.check, every=(1,)),
-      hooks.Hook(on_signal, every=(1,)),
-  ]
-  on_signal.install()
-  try:
-    if start_step >= t.max_iters:  # already done: report it
-      evaluation(start_step, state)
-    for step in range(start_step, t.max_iters):
-      inputs, targets = next(train_batches)
-      state, step_metrics = steps.train(state, sharding.put_batch(inputs, mesh), sharding.put_batch(targets, mesh))
-      bar.update(1)
-      hooks.run(loop_hooks, step + 1, t.max_iters, state, step_metrics)
-  except hooks.Preempted as stop:
-    log(str(stop))
-    return {"step": int(state.step), "stopped": str(stop)}, state
-  finally:  # however the loop ends, a save under way completes
-    on_signal.restore()
+    throughput = metrics.Throughput(cfg, start_step)
+    evaluation = hooks.Evaluate(_loss_estimator(steps, splits, batch_args, mesh, t), log, throughput)
+    save = hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput)
+    on_signal = hooks.SaveOnSignal(save, resume_hint)
+    loop_hooks = [
+        hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps), every=(t.log_interval,)),
+        hooks.Hook(evaluation, every=(t.eval_interval,)),
+        hooks.Hook(save, every=(t.checkpoint_interval,)),
+        *([hooks.Hook(hooks.SaveEvery(save, t.checkpoint_minutes), every=(t.log_interval,))] if t.checkpoint_minutes else []),
+        hooks.Hook(save.check, every=(1,)),
+        hooks.Hook(on_signal, every=(1,)),
+    ]
+    on_signal.install()
     try:
-      save.close()
-    finally:
+      if start_step >= t.max_iters:  # already done: report it
+        evaluation(start_step, state)
+      for step in range(start_step, t.max_iters):
+        inputs, targets = next(train_batches)
+        state, step_metrics = steps.train(state, sharding.put_batch(inputs, mesh), sharding.put_batch(targets, mesh))
+        bar.update(1)
+        hooks.run(loop_hooks, step + 1, t.max_iters, state, step_metrics)
+    except hooks.Preempted as stop:
+      log(str(stop))
+      return {"step": int(state.step), "stopped": str(stop)}, state
+    finally:  # however the loop ends, a save under way completes
+      on_signal.restore()
       bar.close()
-      run_lock.release()
+      save.close()
   return evaluation.latest, state
 
 

@@ -215,11 +215,11 @@ def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
   data.prepare(data.BUILTIN_SHAKESPEARE, "gpt2", str(tmp_path / "data"))
 
   def config(out_name, *extra):  # the shipped recipe, shortened, with a learning rate for a random model
-    return config_lib.load_config("finetune_shakespeare", [
+    overrides = [
         f"data.dir={tmp_path / 'data'}", f"train.init_from={imported}", f"train.out_dir={tmp_path / out_name}",
         "model.dropout=0.1", "train.grad_accum_steps=1", "train.max_iters=10", "train.eval_iters=2",
-        "train.checkpoint_interval=5", "train.log_interval=5", "optim.learning_rate=2e-3", "optim.min_lr=2e-4",
-        *extra])
+        "train.checkpoint_interval=5", "train.log_interval=5", "optim.learning_rate=2e-3", "optim.min_lr=2e-4", *extra]
+    return config_lib.load_config("finetune_shakespeare", list({o.split("=")[0]: o for o in overrides}.values()))
 
   # Zero steps: the loss is the imported model's own, evaluated on the same batches.
   before, _ = train.train(config("zero", "train.max_iters=0"), progress_bar=False)
@@ -275,9 +275,11 @@ def test_import_errors(small, tmp_path, capsys):
       (wrong_vocab, "is not GPT-2's vocabulary"),
       (wrong_merges, "is not GPT-2's merge list"),
   ]
+  before = digest(tmp_path)
   for source, message in cases:
     one_line_error(_convert(capsys, "import", source, tmp_path / "out"), message)
     assert not (tmp_path / "out").exists(), source
+  assert digest(tmp_path) == before
 
 
 def test_import_needs_torch_only_for_pytorch_pickles(small, tmp_path):
@@ -310,5 +312,7 @@ def test_convert_never_overwrites(small, tmp_path, capsys):
 
 def test_imported_checkpoint_cannot_be_resumed(small, char_data):
   _, _, imported = small
+  before = digest(imported), digest(char_data)
   result = run_cli("train", "shakespeare_char_cpu", f"data.dir={char_data}", f"train.out_dir={imported}", "--resume")
   one_line_error(result, "holds model weights only", f"train.init_from={imported}")
+  assert (digest(imported), digest(char_data)) == before
