@@ -132,7 +132,8 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, progre
       progress=ocp.args.JsonSave(progress),
       config=ocp.args.JsonSave(config_lib.to_dict(config)),
       tokenizer=ocp.args.JsonSave(tokenizer),
-      checksums=ocp.args.JsonSave({"params": checksum.checksums(params), "opt_state": checksum.checksums(opt_state)}),
+      checksums=ocp.args.JsonSave({"algorithm": checksum.ALGORITHM, "params": checksum.checksums(params),
+                                   "opt_state": checksum.checksums(opt_state)}),
       format=ocp.args.JsonSave({"version": FORMAT_VERSION})))
 
 
@@ -145,7 +146,7 @@ def save_weights(out_dir: str, params, *, config: config_lib.Config, tokenizer: 
       params=ocp.args.StandardSave(params),
       config=ocp.args.JsonSave(config_lib.to_dict(config)),
       tokenizer=ocp.args.JsonSave(tokenizer),
-      checksums=ocp.args.JsonSave({"params": checksum.checksums(params)}),
+      checksums=ocp.args.JsonSave({"algorithm": checksum.ALGORITHM, "params": checksum.checksums(params)}),
       format=ocp.args.JsonSave({"version": FORMAT_VERSION})))
   manager.wait_until_finished()
   manager.close()
@@ -172,7 +173,7 @@ def _verified(manager: ocp.CheckpointManager, step: int, **items):
   except Exception as e:  # Orbax and TensorStore raise many types for a missing or damaged file
     raise Damaged(f"checkpoint step {step} in {manager.directory} is damaged ({_reason(e)})") from None
   for name in items:
-    if has_checksums and name in restored.checksums:
+    if has_checksums and restored.checksums.get("algorithm") == checksum.ALGORITHM and name in restored.checksums:
       bad = checksum.first_mismatch(restored[name], restored.checksums[name])
       if bad is not None:
         raise Damaged(f"checkpoint step {step} in {manager.directory} is damaged ({name}{bad} is not what was saved)")

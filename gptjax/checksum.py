@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 _ODD = 2654435761  # Knuth's multiplicative hash constant; any odd number works
+ALGORITHM = "odd-weighted-word-sum-32"  # saved with the checksums: another algorithm's are not compared
 
 
 def _checksum(x: jax.Array) -> jax.Array:

@@ -177,6 +177,7 @@ def validate(cfg: Config) -> Config:
       (min(t.eval_interval, t.checkpoint_interval, t.keep_checkpoints, t.max_bad_steps) > 0,
        "train.eval_interval, checkpoint_interval, keep_checkpoints and max_bad_steps must be positive"),
       (t.max_iters >= 0, f"train.max_iters={t.max_iters} is negative"),
+      (t.peak_flops_per_device >= 0, f"train.peak_flops_per_device={t.peak_flops_per_device} is negative (0 looks it up)"),
       (t.checkpoint_minutes >= 0, f"train.checkpoint_minutes={t.checkpoint_minutes} is negative (0 turns it off)"),
       (o.learning_rate > 0 and 0 <= o.min_lr <= o.learning_rate,
        "optim.learning_rate must be positive and optim.min_lr in [0, learning_rate]"),

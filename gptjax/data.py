@@ -124,7 +124,10 @@ def prepare(source: str, tokenizer: str, out_dir: str, *, val_fraction: float = 
       "tokenizer": tok.to_meta(), "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
       "source": source, "tokens": {"train": int(len(train_ids)), "val": int(len(val_ids))},
   }
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create {out}: {e.strerror}") from None
   for split, ids in (("train", train_ids), ("val", val_ids)):  # write, then rename: never half-written
     ids.astype(dtype).tofile(out / f"{split}.bin.tmp")
     os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")

@@ -28,12 +28,15 @@ CASES = {
     "prepare: text not UTF-8": (["prepare", "--input", "{inp}/latin1.txt", "--out", "{new}"], "is not UTF-8 text"),
     "prepare: over prepared data": (["prepare", "--out", "{data}"], "already holds prepared data; pass --overwrite"),
     "prepare: bad --val-fraction": (["prepare", "--val-fraction", "1.5", "--out", "{new}"], "val_fraction=1.5 is not in (0, 1)"),
+    "prepare: out is a file": (["prepare", "--out", "{inp}/a_file"], "cannot create", "a_file: File exists"),
+    "prepare: out under /proc": (["prepare", "--out", "/proc/gptjax-data"], "cannot create /proc/gptjax-data"),
     "prepare: unknown tokenizer": (["prepare", "--tokenizer", "bpe", "--out", "{new}"], "invalid choice: 'bpe'"),
     # train: the config
     "unknown config name": (["train", "shakespeare_xl"], "unknown config 'shakespeare_xl'", "shakespeare_char_cpu"),
     "config file missing": (["train", "{inp}/missing.yaml"], "missing.yaml does not exist"),
     "config YAML syntax error": (["train", "{inp}/syntax.yaml"], "cannot read config"),
     "config YAML duplicate key": (["train", "{inp}/duplicate.yaml"], "cannot read config", "duplicate.yaml: found duplicate key model at line 3"),
+    "config YAML a number": (["train", "{inp}/number.yaml"], "number.yaml: Invalid loaded object type: int"),
     "config YAML a list": (["train", "{inp}/list.yaml"], "list.yaml holds a list, not a mapping of sections"),
     "unknown field": (train("model.n_layers=4"), "Key 'n_layers' not in 'ModelConfig'"),
     "unknown section": (train("nonsense.key=1"), "Key 'nonsense' not in 'Config'"),
@@ -44,6 +47,7 @@ CASES = {
     "old remat flag": (train("model.remat=true"), "(what was model.remat=true is now full)"),
     "max_bad_steps 0": (train("train.max_bad_steps=0"), "max_bad_steps must be positive"),
     "checkpoint_minutes negative": (train("train.checkpoint_minutes=-1"), "train.checkpoint_minutes=-1.0 is negative"),
+    "negative peak FLOP/s": (train("train.peak_flops_per_device=-1"), "train.peak_flops_per_device=-1.0 is negative"),
     "negative process count": (train("distributed.num_processes=-2"), "distributed.num_processes=-2 is negative"),
     "override without =": (train("train.max_iters"), "bad override 'train.max_iters': expected section.field=value"),
     "a section set to a value": (train("train=3"), "bad override 'train=3': expected section.field=value"),
@@ -111,6 +115,7 @@ def inputs(tmp_path_factory, char_data):
   (d / "syntax.yaml").write_text("model:\n  n_layer: [1, 2\n")
   (d / "duplicate.yaml").write_text("model:\n  n_layer: 2\nmodel:\n  n_head: 2\n")
   (d / "list.yaml").write_text("- model\n- train\n")
+  (d / "number.yaml").write_text("3\n")
   (d / "short.txt").write_text("To be, or not to be, that is the question. " * 3)
   data.prepare(str(d / "short.txt"), "char", str(d / "short"))
   (d / "abc.txt").write_text("abc cab bac " * 400)
