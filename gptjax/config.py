@@ -37,6 +37,38 @@ class ModelConfig:
   # The blocks as one lax.scan over their stacked parameters: compile time flat in depth (48 layers
   # compile 6x faster), but a loop over them trains 17-31% faster on CPU (benchmarks/RESULTS.md).
   scan_layers: bool = False
+  # The Llama / Qwen family, as options of the one model; the defaults are GPT-2's.
+  positions: str = "learned"  # learned (a position table) or rope (rotary, applied to queries and keys)
+  rope_theta: float = 10000.0
+  rope_scaling_factor: float = 0.0  # Llama 3's long-context frequency scaling (e.g. 32 for Llama 3.2); 0: none
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_context: int = 8192
+  n_kv_head: int = 0  # key/value heads: fewer than n_head is grouped-query attention; 0: n_head
+  head_dim: int = 0  # 0: n_embd // n_head
+  norm: str = "layernorm"  # layernorm or rmsnorm
+  mlp: str = "gelu"  # gelu (tanh approximation) or swiglu
+  mlp_hidden: int = 0  # 0: 4 * n_embd
+  tie_embeddings: bool = True  # the LM head is the token embedding (else a matrix of its own)
+  qkv_bias: bool = False  # biases on the query, key and value projections even with bias=false (Qwen2)
+  qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
+  vocab_multiple: int = 1  # the vocabulary padded to a multiple of this; padded logits are never used
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_head or self.n_head
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.n_embd // self.n_head
+
+  @property
+  def mlp_size(self) -> int:
+    return self.mlp_hidden or 4 * self.n_embd
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +199,20 @@ def validate(cfg: Config) -> Config:
   checks = [
       (min(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) > 0,
        "model.vocab_size, block_size, n_layer, n_head and n_embd must be positive"),
-      (m.n_head <= 0 or m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}"),
+      (m.n_head <= 0 or m.head_dim or m.n_embd % m.n_head == 0,
+       f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head} (or set model.head_dim)"),
+      (min(m.n_kv_head, m.head_dim, m.mlp_hidden) >= 0 and m.vocab_multiple > 0,
+       "model.n_kv_head, head_dim and mlp_hidden must be >= 0 (0: derived) and vocab_multiple positive"),
+      (m.n_head <= 0 or m.n_head % (m.n_kv_head or m.n_head) == 0,
+       f"model.n_head={m.n_head} is not a multiple of model.n_kv_head={m.n_kv_head}"),
+      (m.positions in ("learned", "rope"), f"model.positions={m.positions!r} is not learned or rope"),
+      (m.norm in ("layernorm", "rmsnorm"), f"model.norm={m.norm!r} is not layernorm or rmsnorm"),
+      (m.mlp in ("gelu", "swiglu"), f"model.mlp={m.mlp!r} is not gelu or swiglu"),
+      (m.positions == "rope" or not m.rope_scaling_factor, "model.rope_scaling_factor needs model.positions=rope"),
+      (m.rope_theta > 0 and m.rope_scaling_factor >= 0 and m.rope_high_freq_factor > m.rope_low_freq_factor > 0,
+       "model.rope_theta must be positive, rope_scaling_factor >= 0 and rope_high_freq_factor > rope_low_freq_factor > 0"),
+      (m.positions == "learned" or (m.head_dim or m.n_embd // max(m.n_head, 1)) % 2 == 0,
+       "rotary positions need an even head dimension"),
       (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} is not in [0, 1)"),
       (m.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={m.dtype!r} is not auto, float32 or bfloat16"),
       (m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)} "

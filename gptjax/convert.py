@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 interop: import a GPT-2 directory as a gptjax checkpoint, export one back.
+"""Hugging Face interop: import a GPT-2, Llama, Qwen2 or Qwen3 directory as a gptjax checkpoint,
+export one back. The GPT-2 layout is here; the Llama / Qwen family's is in `gptjax.hf_llama`.
 
     gptjax convert import ~/models/gpt2 out/gpt2            # config.json + model.safetensors
     gptjax convert export out/shakespeare_char_cpu hf/shakespeare --step best
@@ -32,6 +33,7 @@ from flax import traverse_util
 
 from gptjax import checkpoint
 from gptjax import config as config_lib
+from gptjax import hf_llama
 from gptjax import model as model_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
@@ -108,7 +110,7 @@ def model_config_from_hf(hf: dict, source: str) -> config_lib.ModelConfig:
   architectures = hf.get("architectures") or ["GPT2LMHeadModel"]
   if hf.get("model_type") != "gpt2" or not set(architectures) <= set(GPT2_ARCHITECTURES):
     raise UserError(f"{source}: a {hf.get('model_type')!r} model ({', '.join(map(str, architectures))}), "
-                    f"not GPT-2; gptjax imports model_type 'gpt2' ({', '.join(GPT2_ARCHITECTURES)})")
+                    f"not GPT-2; gptjax imports {', '.join(GPT2_ARCHITECTURES + tuple(hf_llama.ARCHITECTURES))}")
   checks = [
       (hf.get("activation_function", "gelu_new") in TANH_GELUS,
        f"activation_function={hf.get('activation_function')!r}; gptjax computes {' / '.join(TANH_GELUS)}"),
@@ -218,17 +220,37 @@ def check_tokenizer(hf_dir: pathlib.Path, hf: dict, source: str) -> dict:
   return meta
 
 
+def _llama_tokenizer(hf_dir: pathlib.Path, hf: dict, source: str) -> dict:
+  """A Llama / Qwen directory's tokenizer: tokenizer.json, ending generation at config's eos_token_id
+  (or a gptjax character vocabulary that an export wrote into config.json)."""
+  if "gptjax_tokenizer" in hf:
+    return hf["gptjax_tokenizer"]
+  if not (hf_dir / "tokenizer.json").is_file():
+    raise UserError(f"{hf_dir} has no tokenizer.json")
+  eos = hf.get("eos_token_id")
+  tok = tokenizer_lib.HFTokenizer((hf_dir / "tokenizer.json").read_text(encoding="utf-8"),
+                                  eos[0] if isinstance(eos, list) else eos)
+  if tok.vocab_size > hf["vocab_size"]:
+    raise UserError(f"{source}: vocab_size={hf['vocab_size']} is smaller than tokenizer.json's {tok.vocab_size} tokens")
+  return tok.to_meta()
+
+
 def import_hf(hf_dir: str, out_dir: str) -> config_lib.Config:
-  """Writes the GPT-2 model in `hf_dir` to `out_dir` as a weights-only gptjax checkpoint."""
+  """Writes the GPT-2, Llama or Qwen model in `hf_dir` to `out_dir` as a weights-only gptjax checkpoint."""
   path = pathlib.Path(hf_dir)
   if not path.is_dir():
     raise UserError(f"{hf_dir} is not a directory (download a model first, e.g. "
                     f"`huggingface-cli download gpt2 --local-dir {hf_dir}`)")
   source = str(path / "config.json")
   hf = _read_json(path / "config.json")
-  cfg = config_lib.Config(model=model_config_from_hf(hf, source))
-  tokenizer_meta = check_tokenizer(path, hf, source)
-  params = params_from_hf(read_hf_tensors(path), cfg.model, str(path))
+  if (hf.get("architectures") or [None])[0] in hf_llama.ARCHITECTURES:
+    cfg = config_lib.Config(model=hf_llama.model_config_from_hf(hf, source))
+    tokenizer_meta = _llama_tokenizer(path, hf, source)
+    params = hf_llama.params_from_hf(read_hf_tensors(path), cfg.model, str(path))
+  else:
+    cfg = config_lib.Config(model=model_config_from_hf(hf, source))
+    tokenizer_meta = check_tokenizer(path, hf, source)
+    params = params_from_hf(read_hf_tensors(path), cfg.model, str(path))
   checkpoint.save_weights(out_dir, params, config=cfg, tokenizer=tokenizer_meta)
   return cfg
 
@@ -239,13 +261,21 @@ def export_hf(run_dir: str, hf_dir: str, which: str = "best") -> int:
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise UserError(f"{hf_dir} already exists and is not empty; choose a new directory")
   cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(run_dir, which)
-  config = hf_config(cfg.model, tokenizer_meta)
-  tensors = params_to_hf(params, cfg.model)
+  if cfg.model.positions == "rope":  # the Llama / Qwen family
+    config, tensors = hf_llama.hf_config(cfg.model), hf_llama.params_to_hf(params, cfg.model)
+    eot_id = tokenizer_lib.from_meta(tokenizer_meta).eot_id
+    config.update(bos_token_id=eot_id, eos_token_id=eot_id)
+    if tokenizer_meta["kind"] != "hf":
+      config["gptjax_tokenizer"] = tokenizer_meta
+  else:
+    config, tensors = hf_config(cfg.model, tokenizer_meta), params_to_hf(params, cfg.model)
   # Write beside the target, then rename: a failure never leaves a half-written model behind.
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
   safetensors.numpy.save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
   (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+  if tokenizer_meta["kind"] == "hf":
+    (staging / "tokenizer.json").write_text(tokenizer_meta["tokenizer_json"], encoding="utf-8")
   if tokenizer_meta["kind"] == "gpt2":
     (staging / "vocab.json").write_bytes((tokenizer_lib.GPT2_ASSETS / "encoder.json").read_bytes())
     (staging / "merges.txt").write_bytes((tokenizer_lib.GPT2_ASSETS / "vocab.bpe").read_bytes())

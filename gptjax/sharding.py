@@ -31,6 +31,7 @@ LOGICAL_AXIS_RULES = (
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query attention's key/value heads: split where tensor divides them
     ("mlp", "tensor"),
     ("kv", None),
 )

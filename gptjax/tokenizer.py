@@ -1,4 +1,5 @@
-"""Tokenizers: character-level (vocabulary stored with the data) and GPT-2 BPE through tiktoken.
+"""Tokenizers: character-level (vocabulary stored with the data), GPT-2 BPE through tiktoken, and
+any Hugging Face tokenizer.json through the `tokenizers` library.
 
 The GPT-2 BPE files ship inside the package (`assets/gpt2`), so nothing is downloaded.
 A tokenizer is described by a small JSON-able dict (`to_meta`) saved beside prepared data and
@@ -79,7 +80,31 @@ def _gpt2_encoding() -> tiktoken.Encoding:
       special_tokens={"<|endoftext|>": GPT2_EOT_ID}, explicit_n_vocab=50257)
 
 
-Tokenizer = CharTokenizer | GPT2Tokenizer
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` through the `tokenizers` library, as transformers' fast
+  tokenizers read it; the file's text travels in the meta. `encode` adds no special tokens; the
+  model's end-of-text id (its config's eos_token_id) ends generation."""
+
+  def __init__(self, tokenizer_json: str, eot_id: int | None = None):
+    import tokenizers
+    try:
+      self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+    except Exception as e:  # the library raises its own types for a malformed file
+      raise UserError(f"not a Hugging Face tokenizer.json: {str(e).splitlines()[0]}") from None
+    self._json, self.eot_id = tokenizer_json, eot_id
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+  def to_meta(self) -> dict:
+    return {"kind": "hf", "tokenizer_json": self._json, "eot_id": self.eot_id}
+
+
+Tokenizer = CharTokenizer | GPT2Tokenizer | HFTokenizer
 
 
 def from_meta(meta: dict) -> Tokenizer:
@@ -87,4 +112,6 @@ def from_meta(meta: dict) -> Tokenizer:
     return CharTokenizer(meta["chars"])
   if meta.get("kind") == "gpt2":
     return GPT2Tokenizer()
+  if meta.get("kind") == "hf":
+    return HFTokenizer(meta["tokenizer_json"], meta.get("eot_id"))
   raise UserError(f"unknown tokenizer {meta.get('kind')!r}")

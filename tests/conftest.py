@@ -75,6 +75,26 @@ def digest(directory):
   return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
+def transformers_sliding_window_nll(model, tokens, context, stride):
+  """Hugging Face's perplexity recipe: windows every `stride` tokens, earlier tokens masked with -100;
+  (mean NLL, scored tokens) of a transformers causal LM."""
+  import torch
+  nll_sum, count, prev_end = 0.0, 0, 0
+  for begin in range(0, len(tokens), stride):
+    end = min(begin + context, len(tokens))
+    inputs = torch.tensor(tokens[None, begin:end], dtype=torch.long)
+    labels = inputs.clone()
+    labels[:, :-(end - prev_end)] = -100
+    n_scored = int((labels[:, 1:] != -100).sum())  # the model shifts labels by one internally
+    with torch.no_grad():
+      nll_sum += float(model(inputs, labels=labels).loss) * n_scored
+    count += n_scored
+    prev_end = end
+    if end == len(tokens):
+      break
+  return nll_sum / count, count
+
+
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory):
   """The built-in Shakespeare, prepared at character level."""

@@ -26,7 +26,7 @@ from gptjax import steps
 from gptjax import tokenizer as tokenizer_lib
 from gptjax import train
 
-from conftest import digest, load_checkpoint, one_line_error, run_cli
+from conftest import digest, load_checkpoint, one_line_error, run_cli, transformers_sliding_window_nll
 
 PROMPT = "It is a truth universally acknowledged, that a single man"
 
@@ -110,30 +110,12 @@ def test_greedy_generation_equals_transformers_generate(small):
   assert result.stdout.split("\n---------------")[0] == PROMPT + tok.decode(expected)
 
 
-def _transformers_sliding_window_nll(model, tokens, context, stride):
-  """Hugging Face's perplexity recipe: windows every `stride` tokens, earlier tokens masked with -100."""
-  nll_sum, count, prev_end = 0.0, 0, 0
-  for begin in range(0, len(tokens), stride):
-    end = min(begin + context, len(tokens))
-    inputs = torch.tensor(tokens[None, begin:end], dtype=torch.long)
-    labels = inputs.clone()
-    labels[:, :-(end - prev_end)] = -100
-    n_scored = int((labels[:, 1:] != -100).sum())  # the model shifts labels by one internally
-    with torch.no_grad():
-      nll_sum += float(model(inputs, labels=labels).loss) * n_scored
-    count += n_scored
-    prev_end = end
-    if end == len(tokens):
-      break
-  return nll_sum / count, count
-
-
 def test_perplexity_equals_transformers_sliding_window(small, tmp_path):
   model, _, imported = small
   cfg, tok, params, _ = load_checkpoint(imported)
   text = data.read_text(data.BUILTIN_SHAKESPEARE)[:3000]
   tokens = np.asarray(tok.encode(text))
-  expected_nll, expected_count = _transformers_sliding_window_nll(model, tokens, 64, 24)
+  expected_nll, expected_count = transformers_sliding_window_nll(model, tokens, 64, 24)
   ours = evaluate.perplexity(cfg.model, params, tokens, stride=24)
   assert ours["tokens"] == expected_count == len(tokens) - 1
   assert ours["nll"] == pytest.approx(expected_nll, rel=1e-4)
@@ -267,8 +249,8 @@ def test_import_errors(small, tmp_path, capsys):
       (_edit_config(hf_dir, tmp_path / "layers", n_layer=3), "missing tensor h.2."),
       (_edit_config(hf_dir, tmp_path / "width", n_embd=128), "h.0.attn.c_attn.bias has shape (192,) but config.json implies (384,)"),
       (truncated, "truncated or not safetensors"),
-      (_edit_config(hf_dir, tmp_path / "llama", model_type="llama", architectures=["LlamaForCausalLM"]),
-       "a 'llama' model (LlamaForCausalLM), not GPT-2"),
+      (_edit_config(hf_dir, tmp_path / "mistral", model_type="mistral", architectures=["MistralForCausalLM"]),
+       "a 'mistral' model (MistralForCausalLM), not GPT-2"),
       (_edit_config(hf_dir, tmp_path / "classifier", architectures=["GPT2ForSequenceClassification"]), "not GPT-2"),
       (_edit_config(hf_dir, tmp_path / "gelu", activation_function="relu"), "activation_function='relu'"),
       (_edit_config(hf_dir, tmp_path / "vocab_size", vocab_size=50304), "vocab_size=50304 disagrees with the gpt2 tokenizer's 50257"),

@@ -112,3 +112,15 @@ def test_weight_decay_applies_to_matrices_only():
   assert mask["h"]["attn"]["c_attn"]["kernel"] and mask["h"]["mlp"]["c_proj"]["kernel"]
   assert not mask["h"]["attn"]["c_attn"]["bias"]  # rank 4 when stacked, still a bias
   assert not mask["h"]["ln_1"]["scale"] and not mask["ln_f"]["bias"]
+
+
+def test_a_padded_vocabulary_changes_no_logit_and_its_padding_is_never_chosen():
+  cfg = ModelConfig(vocab_size=77, block_size=16, n_layer=1, n_head=2, n_embd=16, dtype="float32")
+  padded = dataclasses.replace(cfg, vocab_multiple=8)
+  params = model_lib.init_params(padded, jax.random.key(0))
+  assert params["wte"]["embedding"].shape == (80, 16)
+  tokens = np.arange(12)[None] % 77
+  logits = np.asarray(model_lib.bind(padded, params)(tokens))
+  unpadded = {**params, "wte": {"embedding": params["wte"]["embedding"][:77]}}
+  np.testing.assert_array_equal(logits[..., :77], np.asarray(model_lib.bind(cfg, unpadded)(tokens)))
+  assert (logits[..., 77:] == np.finfo(np.float32).min).all()

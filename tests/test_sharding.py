@@ -90,6 +90,40 @@ def test_mesh_shapes_match_one_device(tmp_path, char_data, one_device_run, mesh,
   assert "memory per device: parameters" in capsys.readouterr().out
 
 
+# The Llama / Qwen options at once: 2 key/value heads (split by tensor=2, whole on tensor=8), the
+# vocabulary padded to 80 (which tensor=8 divides), an untied head, SwiGLU, RMSNorm on queries and keys.
+LLAMA_STYLE = ["model.positions=rope", "model.n_kv_head=2", "model.norm=rmsnorm", "model.mlp=swiglu", "model.mlp_hidden=96",
+               "model.bias=false", "model.qkv_bias=true", "model.qk_norm=true", "model.tie_embeddings=false",
+               "model.vocab_multiple=8"]
+
+
+def _expected_llama_specs(tensor: int) -> dict[str, tuple]:
+  vocab, kv_heads = "tensor" if 80 % tensor == 0 else None, "tensor" if 2 % tensor == 0 else None
+  return {
+      "wte/embedding": (vocab, "fsdp"), "lm_head/kernel": ("fsdp", vocab),
+      "ln_1/scale": ("fsdp",), "ln_2/scale": ("fsdp",), "ln_f/scale": ("fsdp",),
+      "attn/q_attn/kernel": ("fsdp", "tensor", None), "attn/q_attn/bias": ("tensor", None),
+      "attn/kv_attn/kernel": ("fsdp", None, kv_heads, None), "attn/kv_attn/bias": (None, kv_heads, None),
+      "attn/q_norm/scale": (None,), "attn/k_norm/scale": (None,), "attn/c_proj/kernel": ("tensor", None, "fsdp"),
+      "mlp/c_fc/kernel": ("fsdp", None, "tensor"), "mlp/c_proj/kernel": ("tensor", "fsdp"),
+  }
+
+
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 1, 8)], ids=str)
+def test_the_llama_style_model_on_meshes_matches_one_device(tmp_path, char_data, mesh):
+  def run(name, devices, *overrides):
+    return train.train(tiny_config(tmp_path / name, f"data.dir={char_data}", *SHORT_RUN, *LLAMA_STYLE, *overrides),
+                       progress_bar=False, devices=devices)
+
+  on_mesh = run("mesh", None, *_mesh_overrides(mesh))
+  _assert_same_run(*on_mesh, *run("one", jax.devices()[:1]))
+  state = on_mesh[1]
+  expected = _expected_llama_specs(mesh[2])
+  for path, leaf in traverse_util.flatten_dict(state.params, sep="/").items():
+    spec = (None, *expected[path[2:]]) if path.startswith("h/") else expected[path]
+    assert leaf.sharding.is_equivalent_to(NamedSharding(leaf.sharding.mesh, P(*spec)), leaf.ndim), (path, leaf.sharding.spec)
+
+
 def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, char_data):
   def config(name, mesh, max_iters):
     return tiny_config(tmp_path / name, f"data.dir={char_data}", *SHORT_RUN, *_mesh_overrides(mesh),

@@ -1,4 +1,4 @@
-"""The GPT model in Flax NNX, one file per building block (attention, MLP, the transformer), and
+"""The GPT model (GPT-2, or the Llama / Qwen family by configuration) in Flax NNX, one file per building block (attention, MLP, the transformer), and
 the functions the rest of gptjax uses to make, count and run it on plain parameter trees.
 
 Parameters travel as a pure dict of arrays (what Optax updates and Orbax saves); inside a jitted
@@ -47,8 +47,10 @@ def count_params(params) -> int:
 
 def flops_per_token(cfg: ModelConfig) -> float:
   """Training FLOPs per token as PaLM (appendix B) and nanoGPT count them: 6 per parameter that
-  multiplies (every one but the position table, which is only added) plus 12 * n_layer * n_embd *
-  block_size for the attention scores and their weighted sum. Recomputation is not counted."""
+  multiplies (all but the tables that are only looked up: the position table, and the token table
+  when the head is a matrix of its own) plus 12 * n_layer * n_head * head_dim * block_size for the
+  attention scores and their weighted sum. Recomputation is not counted."""
   n_params = count_params(abstract_params(cfg)[0])
-  position_table = cfg.block_size * cfg.n_embd
-  return 6 * (n_params - position_table) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+  looked_up = (cfg.block_size * cfg.n_embd if cfg.positions == "learned" else 0) + \
+      (0 if cfg.tie_embeddings else cfg.padded_vocab * cfg.n_embd)
+  return 6 * (n_params - looked_up) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.block_size

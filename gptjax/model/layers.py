@@ -31,6 +31,12 @@ def logical_axes(state: nnx.State):
       is_leaf=lambda v: isinstance(v, nnx.Variable)))
 
 
-def layer_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, dtype=compute_dtype(cfg),
-                       scale_metadata=axes("embed"), bias_metadata=axes("embed"), rngs=rngs)
+def norm(cfg: ModelConfig, size: int | None = None, axis: str = "embed", *, rngs: nnx.Rngs):
+  """The configured normalisation over the last axis (`size`, default n_embd): GPT-2's LayerNorm
+  (with a bias if the model has biases) or RMSNorm."""
+  size = size or cfg.n_embd
+  if cfg.norm == "rmsnorm":
+    return nnx.RMSNorm(size, epsilon=cfg.layer_norm_epsilon, dtype=compute_dtype(cfg),
+                       scale_metadata=axes(axis), rngs=rngs)
+  return nnx.LayerNorm(size, epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, dtype=compute_dtype(cfg),
+                       scale_metadata=axes(axis), bias_metadata=axes(axis), rngs=rngs)

@@ -1,4 +1,6 @@
-"""The feed-forward block: embd -> 4 * embd -> GELU (tanh approximation, GPT-2's "gelu_new") -> embd."""
+"""The feed-forward block: GPT-2's embd -> hidden -> GELU (tanh approximation, "gelu_new") -> embd,
+or Llama's SwiGLU, embd -> (gate, up) -> silu(gate) * up -> embd, whose two input projections are
+one kernel c_fc [embd, 2, hidden]. The hidden size is `model.mlp_hidden` (default 4 * embd)."""
 
 import math
 
@@ -13,16 +15,22 @@ from gptjax.model.layers import axes, compute_dtype
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    hidden, dtype = 4 * cfg.n_embd, compute_dtype(cfg)
-    self.c_fc = nnx.Linear(cfg.n_embd, hidden, use_bias=cfg.bias, dtype=dtype,
-                           kernel_init=nnx.initializers.normal(0.02), kernel_metadata=axes("embed", "mlp"),
-                           bias_metadata=axes("mlp"), rngs=rngs)
+    self.swiglu = cfg.mlp == "swiglu"
+    hidden, dtype = cfg.mlp_size, compute_dtype(cfg)
+    self.c_fc = nnx.LinearGeneral(cfg.n_embd, (2, hidden) if self.swiglu else (hidden,), use_bias=cfg.bias,
+                                  dtype=dtype, kernel_init=nnx.initializers.normal(0.02),
+                                  kernel_metadata=axes("embed", *((None,) if self.swiglu else ()), "mlp"),
+                                  bias_metadata=axes(*((None,) if self.swiglu else ()), "mlp"), rngs=rngs)
     self.c_proj = nnx.Linear(hidden, cfg.n_embd, use_bias=cfg.bias, dtype=dtype,
                              kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)),
                              kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("embed"), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, x_BTD, dropout_key: jax.Array | None):
-    h_BTF = sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", "mlp"))
-    y_BTD = self.c_proj(jax.nn.gelu(h_BTF, approximate=True))
+    if self.swiglu:
+      gate_up_BT2F = sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", None, "mlp"))
+      h_BTF = jax.nn.silu(gate_up_BT2F[:, :, 0]) * gate_up_BT2F[:, :, 1]
+    else:
+      h_BTF = jax.nn.gelu(sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", "mlp")), approximate=True)
+    y_BTD = self.c_proj(h_BTF)
     return self.dropout(y_BTD, deterministic=dropout_key is None, rngs=dropout_key)

@@ -1,5 +1,7 @@
-"""The GPT-2 decoder: token and learned position embeddings, a stack of pre-LayerNorm blocks, a
-final LayerNorm and an LM head tied to the token embedding.
+"""The decoder: token embeddings (and learned positions, GPT-2; or rotary ones inside attention,
+Llama), a stack of pre-norm blocks, a final norm and an LM head, tied to the token embedding
+(GPT-2) or a matrix of its own (lm_head). The config chooses between GPT-2 and the Llama / Qwen
+family; the structure is the same.
 
 Parameter names follow GPT-2 (wte, wpe, h/{ln_1, attn/{c_attn, c_proj}, ln_2, mlp/{c_fc, c_proj}},
 ln_f), with one difference: the blocks' parameters are stacked, h/... [n_layer, ...]. The stack
@@ -17,11 +19,11 @@ from flax import nnx
 from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model.attention import CausalSelfAttention, KVCache
-from gptjax.model.layers import axes, compute_dtype, layer_norm
+from gptjax.model.layers import axes, compute_dtype, norm
 from gptjax.model.mlp import MLP
 
 RESIDUAL_AXES = ("batch", "sequence", "embed")  # the residual stream [B, T, embd]
-CACHE_AXES = ("layers", "batch", "sequence", "heads", "kv")  # the cache [n_layer, B, S, heads, head_dim]
+CACHE_AXES = ("layers", "batch", "sequence", "kv_heads", "kv")  # the cache [n_layer, B, S, kv_heads, head_dim]
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -32,9 +34,9 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.ln_1 = layer_norm(cfg, rngs=rngs)
+    self.ln_1 = norm(cfg, rngs=rngs)
     self.attn = CausalSelfAttention(cfg, rngs=rngs)
-    self.ln_2 = layer_norm(cfg, rngs=rngs)
+    self.ln_2 = norm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None):
@@ -61,12 +63,17 @@ class GPT(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     dtype = compute_dtype(cfg)
-    self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
+    self.wte = nnx.Embed(cfg.padded_vocab, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
                          embedding_metadata=axes("vocab", "embed"), rngs=rngs)
-    self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
-                         embedding_metadata=axes(None, "embed"), rngs=rngs)
+    if cfg.positions == "learned":
+      self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
+                           embedding_metadata=axes(None, "embed"), rngs=rngs)
     self.h = _stacked_blocks(cfg, rngs)
-    self.ln_f = layer_norm(cfg, rngs=rngs)
+    self.ln_f = norm(cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Linear(cfg.n_embd, cfg.padded_vocab, use_bias=False, dtype=dtype,
+                                kernel_init=nnx.initializers.normal(0.02), kernel_metadata=axes("embed", "vocab"),
+                                rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, tokens_BT, *, dropout_key: jax.Array | None = None):
@@ -76,7 +83,7 @@ class GPT(nnx.Module):
 
   def init_cache(self, batch: int) -> KVCache:
     cfg = self.cfg
-    shape = (cfg.n_layer, batch, cfg.block_size, cfg.n_head, cfg.n_embd // cfg.n_head)
+    shape = (cfg.n_layer, batch, cfg.block_size, cfg.kv_heads, cfg.head_size)
     empty = sharding.constrain(jnp.zeros(shape, compute_dtype(cfg)), CACHE_AXES)
     return KVCache(empty, empty, jnp.zeros((), jnp.int32))
 
@@ -92,12 +99,16 @@ class GPT(nnx.Module):
     embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     table_VD = sharding.constrain(self.wte.embedding[...], ("vocab", None))  # gathered over fsdp for the lookup
     x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(compute_dtype(cfg))
-    x_BTD = x_BTD + self.wpe(start + jnp.arange(tokens_BT.shape[1]))[None]
+    if cfg.positions == "learned":  # rotary positions are applied inside attention
+      x_BTD = x_BTD + self.wpe(start + jnp.arange(tokens_BT.shape[1]))[None]
     x_BTD = self.dropout(x_BTD, deterministic=embed_key is None, rngs=embed_key)
     x_BTD = sharding.constrain(x_BTD, RESIDUAL_AXES)
     layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.n_layer)
     x_BTD, cache = self._blocks(x_BTD, cache, layer_keys)
-    logits_BTV = self.wte.attend(self.ln_f(x_BTD)).astype(jnp.float32)  # the head is tied to wte
+    x_BTD = self.ln_f(x_BTD)
+    logits_BTV = (self.wte.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)).astype(jnp.float32)
+    if cfg.padded_vocab > cfg.vocab_size:  # padding rows: never sampled, never part of a softmax
+      logits_BTV = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits_BTV, jnp.finfo(jnp.float32).min)
     return sharding.constrain(logits_BTV, ("batch", "sequence", "vocab")), cache
 
   def _blocks(self, x_BTD, cache: KVCache | None, layer_keys):

@@ -1,0 +1,144 @@
+"""The Llama / Qwen family against transformers (torch, CPU): LlamaForCausalLM with grouped-query
+attention and Llama 3 rope scaling, Qwen2ForCausalLM (q/k/v biases) and Qwen3ForCausalLM (per-head
+query/key RMSNorm, a head size of its own). No network: random-weight models saved with
+`save_pretrained`, and a BPE tokenizer.json trained here on the built-in Shakespeare."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+
+from gptjax import convert
+from gptjax import data
+from gptjax import evaluate
+from gptjax import hf_llama
+from gptjax import model as model_lib
+from gptjax import sample
+
+from conftest import load_checkpoint, run_cli, transformers_sliding_window_nll
+
+VOCAB = 320
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=True, head_dim=32)),
+}
+TEXTS = ["ROMEO: But, soft! what light through yonder window breaks?", "  leading spaces\tand\ttabs\n\nnewlines ",
+         "déjà vu — naïve café ☕ 東京", "def f(x):\n    return x ** 2  # code", "3.14159 + 2,718 = 5.86; 1e-9"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+  """A byte-level BPE (every byte, then merges up to VOCAB tokens; <s> and </s> first) trained on the built-in Shakespeare."""
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
+                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([data.read_text(data.BUILTIN_SHAKESPEARE)[:200_000]], trainer)
+  return tok.to_str()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory, tokenizer_json):
+  """(name, HF model, HF dir, imported gptjax dir) of one family, random weights with std 0.2."""
+  name = request.param
+  config_cls, model_cls, extra = FAMILIES[name]
+  root = tmp_path_factory.mktemp(name)
+  torch.manual_seed(0)
+  model = model_cls(config_cls(**COMMON, **extra)).eval()
+  with torch.no_grad():
+    for parameter in model.parameters():
+      parameter.normal_(0.0, 0.2)
+  model.save_pretrained(root / "hf")
+  (root / "hf" / "tokenizer.json").write_text(tokenizer_json)
+  convert.import_hf(str(root / "hf"), str(root / "gptjax"))
+  return name, model, root / "hf", root / "gptjax"
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def test_logits_equal_transformers(family):
+  name, model, _, imported = family
+  cfg, _, params, _ = load_checkpoint(imported)
+  assert (cfg.model.kv_heads, cfg.model.tie_embeddings, cfg.model.qkv_bias, cfg.model.qk_norm) == {
+      "llama": (2, False, False, False), "qwen2": (2, True, True, False), "qwen3": (2, True, False, True)}[name]
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
+  ours = np.asarray(model_lib.bind(cfg.model, params)(tokens))
+  assert np.abs(ours - _hf_logits(model, tokens)).max() <= 1e-4
+
+
+def test_greedy_generation_equals_transformers_generate(family):
+  _, model, _, imported = family
+  cfg, tok, params, _ = load_checkpoint(imported)
+  prompt = np.asarray([tok.encode("ROMEO: But, soft!")])
+  with torch.no_grad():
+    expected = model.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=30, min_new_tokens=30,
+                              pad_token_id=1)[0, prompt.shape[1]:].numpy()
+  ours = sample.generate(cfg.model, params, prompt, max_new_tokens=30, rng=jax.random.key(0), temperature=0)
+  assert ours[0].tolist()[:len(expected)] == expected.tolist()
+
+
+def test_perplexity_equals_transformers_sliding_window(family):
+  _, model, _, imported = family
+  cfg, tok, params, _ = load_checkpoint(imported)
+  tokens = np.asarray(tok.encode(data.read_text(data.BUILTIN_SHAKESPEARE)[:2000]))
+  expected_nll, expected_count = transformers_sliding_window_nll(model, tokens, 64, 24)
+  ours = evaluate.perplexity(cfg.model, params, tokens, stride=24)
+  assert ours["tokens"] == expected_count and ours["nll"] == pytest.approx(expected_nll, rel=1e-4)
+
+
+def test_export_loads_in_transformers_bit_equal_and_imports_back(family, tmp_path):
+  _, model, _, imported = family
+  convert.export_hf(str(imported), str(tmp_path / "hf"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  assert type(exported) is type(model)
+  for name, tensor in model.state_dict().items():
+    assert torch.equal(exported.state_dict()[name], tensor), name
+  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "again"))
+  again, original = load_checkpoint(tmp_path / "again"), load_checkpoint(imported)
+  assert again[0].model == original[0].model and again[1].to_meta() == original[1].to_meta()
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(again[2]), jax.tree.leaves(original[2])))
+
+
+def test_tokenizer_ids_equal_transformers_fast_tokenizer(family):
+  _, _, hf_dir, imported = family
+  tok = load_checkpoint(imported)[1]
+  reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+  for text in TEXTS:
+    assert tok.encode(text) == reference(text, add_special_tokens=False)["input_ids"], text
+    assert tok.decode(tok.encode(text)) == reference.decode(reference(text)["input_ids"]), text
+
+
+def test_the_sample_command_reads_an_imported_llama(family):
+  _, _, _, imported = family
+  result = run_cli("sample", "--checkpoint", imported, "--prompt", "ROMEO:", "--num-samples", 1,
+                   "--max-new-tokens", 10, "--temperature", 0)
+  assert result.returncode == 0 and result.stdout.startswith("ROMEO:"), result.stderr
+
+
+def test_grouped_query_attention_caches_only_the_key_value_heads(family):
+  name, _, _, imported = family
+  cfg = load_checkpoint(imported)[0].model
+  gqa = jax.eval_shape(lambda: model_lib.bind(cfg, model_lib.init_params(cfg, jax.random.key(0))).init_cache(1))
+  mha_cfg = dataclasses.replace(cfg, n_kv_head=0)
+  mha = jax.eval_shape(lambda: model_lib.bind(mha_cfg, model_lib.init_params(mha_cfg, jax.random.key(0))).init_cache(1))
+  assert mha.key.size == gqa.key.size * cfg.n_head // cfg.kv_heads == gqa.key.size * 2
+
+
+def test_unsupported_family_members_are_refused_in_one_line(tmp_path):
+  config = transformers.LlamaConfig(**COMMON, hidden_act="gelu").to_dict() | {"architectures": ["LlamaForCausalLM"]}
+  with pytest.raises(Exception, match="hidden_act='gelu'"):
+    hf_llama.model_config_from_hf(config, "config.json")
