@@ -227,9 +227,7 @@ def _llama_tokenizer(hf_dir: pathlib.Path, hf: dict, source: str) -> dict:
     return hf["gptjax_tokenizer"]
   if not (hf_dir / "tokenizer.json").is_file():
     raise UserError(f"{hf_dir} has no tokenizer.json")
-  eos = hf.get("eos_token_id")
-  tok = tokenizer_lib.HFTokenizer((hf_dir / "tokenizer.json").read_text(encoding="utf-8"),
-                                  eos[0] if isinstance(eos, list) else eos)
+  tok = tokenizer_lib.HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))  # end-of-text: config's eos_token_id
   if tok.vocab_size > hf["vocab_size"]:
     raise UserError(f"{source}: vocab_size={hf['vocab_size']} is smaller than tokenizer.json's {tok.vocab_size} tokens")
   return tok.to_meta()

@@ -93,8 +93,8 @@ def prepare(source: str, tokenizer: str, out_dir: str, *, val_fraction: float = 
   out = pathlib.Path(out_dir)
   if (out / "meta.json").exists() and not overwrite:
     raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it")
-  if tokenizer not in ("char", "gpt2"):
-    raise UserError(f"unknown tokenizer {tokenizer!r}: choose char or gpt2")
+  if tokenizer not in ("char", "gpt2") and not pathlib.Path(tokenizer).is_file():
+    raise UserError(f"unknown tokenizer {tokenizer!r}: choose char, gpt2 or a Hugging Face tokenizer.json file")
   if not 0.0 < val_fraction < 1.0:
     raise UserError(f"val_fraction={val_fraction} is not in (0, 1)")
 
@@ -109,7 +109,12 @@ def prepare(source: str, tokenizer: str, out_dir: str, *, val_fraction: float = 
   if not all_text.strip():
     raise UserError(f"{source!r} holds no text")
 
-  tok = tokenizer_lib.CharTokenizer.from_text(all_text) if tokenizer == "char" else tokenizer_lib.GPT2Tokenizer()
+  if tokenizer == "char":
+    tok = tokenizer_lib.CharTokenizer.from_text(all_text)
+  elif tokenizer == "gpt2":
+    tok = tokenizer_lib.GPT2Tokenizer()
+  else:
+    tok = tokenizer_lib.HFTokenizer.from_file(tokenizer)
   train_ids = _encode_documents(tok, train_docs)
   if val_docs:
     val_ids = _encode_documents(tok, val_docs)

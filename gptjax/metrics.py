@@ -1,8 +1,9 @@
-"""What training reports about itself: throughput, MFU and memory per device."""
+"""What training reports about itself: throughput, MFU, memory per device and the KV cache's size."""
 
 import time
 
 import jax
+import jax.numpy as jnp
 
 from gptjax import config as config_lib
 from gptjax import model as model_lib
@@ -44,15 +45,31 @@ class Throughput:
     return self.tokens_per_step * steps_per_s, mfu
 
 
-def memory_report(abstract, shardings, compiled_step) -> str:
+def memory_per_device(abstract, shardings, compiled_step) -> dict[str, int]:
   """Bytes per device: parameters and optimizer state from their shardings; gradients and
   activations from XLA's buffer assignment for the compiled step (its temporaries)."""
-  params = sharding.bytes_per_device(abstract.params, shardings.params)
-  opt_state = sharding.bytes_per_device(abstract.opt_state, shardings.opt_state)
   analysis = compiled_step.memory_analysis()
-  temporaries = analysis.temp_size_in_bytes if analysis is not None else 0
+  return {"parameters": sharding.bytes_per_device(abstract.params, shardings.params),
+          "optimizer state": sharding.bytes_per_device(abstract.opt_state, shardings.opt_state),
+          "gradients and activations": analysis.temp_size_in_bytes if analysis is not None else 0}
+
+
+def memory_report(abstract, shardings, compiled_step) -> str:
+  sizes = memory_per_device(abstract, shardings, compiled_step)
   limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-  total = params + opt_state + temporaries
-  return (f"memory per device: parameters {params / 2**20:,.1f} MiB, optimizer state {opt_state / 2**20:,.1f} MiB, "
-          f"gradients and activations {temporaries / 2**20:,.1f} MiB (XLA), total {total / 2**20:,.1f} MiB"
+  return (f"memory per device: parameters {sizes['parameters'] / 2**20:,.1f} MiB, optimizer state "
+          f"{sizes['optimizer state'] / 2**20:,.1f} MiB, gradients and activations "
+          f"{sizes['gradients and activations'] / 2**20:,.1f} MiB (XLA), total {sum(sizes.values()) / 2**20:,.1f} MiB"
           + (f" of {limit / 2**20:,.0f} MiB" if limit else ""))
+
+
+def kv_cache_bytes(cfg: config_lib.ModelConfig) -> int:
+  """The key/value cache that sampling fills, per sequence of the full context."""
+  return 2 * cfg.n_layer * cfg.block_size * cfg.kv_heads * cfg.head_size * jnp.dtype(model_lib.compute_dtype(cfg)).itemsize
+
+
+def kv_cache_report(cfg: config_lib.ModelConfig) -> str:
+  """The KV cache holds only the key/value heads: grouped-query attention makes it n_head /
+  n_kv_head times smaller."""
+  return (f"KV cache for sampling: {kv_cache_bytes(cfg) / 2**20:,.2f} MiB per sequence of {cfg.block_size} tokens "
+          f"({cfg.kv_heads} key/value heads for {cfg.n_head} query heads)")

@@ -2,6 +2,7 @@
 
     gptjax prepare                                     # built-in Shakespeare, characters
     gptjax prepare --input 'books/*.txt' --tokenizer gpt2 --out data/books
+    gptjax prepare --tokenizer ~/models/SmolLM2-135M/tokenizer.json --out data/shakespeare_smollm2
     gptjax prepare --input tfds:my_corpus --tfds-data-dir ~/tensorflow_datasets --tokenizer gpt2 --out data/my_corpus
 """
 
@@ -15,7 +16,8 @@ def main(argv=None) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--input", default=data.BUILTIN_SHAKESPEARE,
                       help=f"a text file, a folder, a glob, {data.BUILTIN_SHAKESPEARE} or tfds:NAME")
-  parser.add_argument("--tokenizer", default="char", choices=["char", "gpt2"])
+  parser.add_argument("--tokenizer", default="char",
+                      help="char, gpt2, or a Hugging Face tokenizer.json (end-of-text: a config.json beside it)")
   parser.add_argument("--out", default="data/shakespeare_char", help="output folder (data.dir in configs)")
   parser.add_argument("--val-fraction", type=float, default=0.1,
                       help="end of the text held out for validation (TFDS uses its validation/test split)")

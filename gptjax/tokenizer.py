@@ -8,6 +8,8 @@ checkpoints, and rebuilt from it with `from_meta`.
 
 import functools
 import importlib.resources
+import json
+import pathlib
 
 import tiktoken
 import tiktoken.load
@@ -93,6 +95,22 @@ class HFTokenizer:
       raise UserError(f"not a Hugging Face tokenizer.json: {str(e).splitlines()[0]}") from None
     self._json, self.eot_id = tokenizer_json, eot_id
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @classmethod
+  def from_file(cls, path: str) -> "HFTokenizer":
+    """A tokenizer.json; its end-of-text is the eos_token_id of a config.json beside it, if any."""
+    path = pathlib.Path(path)
+    eos = None
+    if (path.parent / "config.json").is_file():
+      try:
+        eos = json.loads((path.parent / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
+      except ValueError:
+        raise UserError(f"{path.parent / 'config.json'} is not readable JSON") from None
+    try:
+      text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"cannot read {path}: {e}") from None
+    return cls(text, eos[0] if isinstance(eos, list) else eos)
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids

@@ -159,6 +159,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                disable=None if progress_bar and jax.process_index() == 0 else True)  # None: only on a terminal
     log(_start_line(cfg, steps, mesh, start_step, resume))
     log(metrics.memory_report(steps.abstract, steps.shardings, steps.train))
+    log(metrics.kv_cache_report(cfg.model))
 
     throughput = metrics.Throughput(cfg, start_step)
     evaluation = hooks.Evaluate(_loss_estimator(steps, splits, batch_args, mesh, t), log, throughput)

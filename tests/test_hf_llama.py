@@ -16,6 +16,7 @@ from gptjax import convert
 from gptjax import data
 from gptjax import evaluate
 from gptjax import hf_llama
+from gptjax import metrics
 from gptjax import model as model_lib
 from gptjax import sample
 
@@ -136,9 +137,32 @@ def test_grouped_query_attention_caches_only_the_key_value_heads(family):
   mha_cfg = dataclasses.replace(cfg, n_kv_head=0)
   mha = jax.eval_shape(lambda: model_lib.bind(mha_cfg, model_lib.init_params(mha_cfg, jax.random.key(0))).init_cache(1))
   assert mha.key.size == gqa.key.size * cfg.n_head // cfg.kv_heads == gqa.key.size * 2
+  for c, cache in ((cfg, gqa), (mha_cfg, mha)):  # what training's start-up report says
+    nbytes = 2 * cache.key.size * cache.key.dtype.itemsize
+    assert f"KV cache for sampling: {nbytes / 2**20:,.2f} MiB per sequence" in metrics.kv_cache_report(c)
+  assert "(2 key/value heads for 4 query heads)" in metrics.kv_cache_report(cfg)
 
 
 def test_unsupported_family_members_are_refused_in_one_line(tmp_path):
   config = transformers.LlamaConfig(**COMMON, hidden_act="gelu").to_dict() | {"architectures": ["LlamaForCausalLM"]}
   with pytest.raises(Exception, match="hidden_act='gelu'"):
     hf_llama.model_config_from_hf(config, "config.json")
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)  # the training path is the same for all
+def test_fine_tuning_an_imported_llama_on_data_prepared_with_its_tokenizer_then_resuming(family, tmp_path):
+  _, _, hf_dir, imported = family
+  prepared = run_cli("prepare", "--tokenizer", hf_dir / "tokenizer.json", "--out", tmp_path / "data")
+  assert prepared.returncode == 0, prepared.stderr
+  args = ["train", "shakespeare_char_cpu", f"data.dir={tmp_path / 'data'}", f"train.init_from={imported}",
+          f"train.out_dir={tmp_path / 'tuned'}", "train.batch_size=4", "train.eval_iters=2", "train.log_interval=2",
+          "train.checkpoint_interval=4", "train.eval_interval=4", "optim.warmup_iters=2", "optim.lr_decay_iters=100",
+          "--no-progress"]
+  first = run_cli(*args, "train.max_iters=4")
+  assert first.returncode == 0, first.stderr
+  assert f"fine-tuning {imported}" in first.stdout and "parameters" in first.stdout
+  resumed = run_cli(*args, "train.max_iters=6", "--resume")
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resuming at step 4 of 6" in resumed.stdout and "done: step 6" in resumed.stdout
+  cfg = load_checkpoint(tmp_path / "tuned", "latest")[0]
+  assert cfg.model == load_checkpoint(imported)[0].model  # the architecture is the imported model's

@@ -13,10 +13,10 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.model.attention import KVCache
-from gptjax.model.layers import logical_axes
+from gptjax.model.layers import compute_dtype, logical_axes
 from gptjax.model.transformer import GPT
 
-__all__ = ["GPT", "KVCache", "init_params", "abstract_params", "bind", "count_params", "flops_per_token"]
+__all__ = ["GPT", "KVCache", "init_params", "abstract_params", "bind", "compute_dtype", "count_params", "flops_per_token"]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:

@@ -1,0 +1,51 @@
+"""The named configs' sizes and memory per device, as training's start-up report gives them, from
+shapes alone (nothing is allocated): parameters, optimizer state, XLA's gradients and activations
+for the compiled train step, and the KV cache per sequence.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/model_sizes.py --mesh-fsdp 8
+
+Each config gets the vocabulary of its family's tokenizer. Compiling on CPU gives CPU's buffer
+assignment, which is close to, not the same as, a GPU's. Prints a markdown table.
+"""
+
+import argparse
+import dataclasses
+
+import jax
+
+from gptjax import config as config_lib
+from gptjax import metrics
+from gptjax import model as model_lib
+from gptjax import optim
+from gptjax import sharding
+from gptjax import steps as steps_lib
+
+VOCABULARIES = {"shakespeare_char_cpu": 77, "llama_shakespeare_cpu": 77, "gpt2_124m": 50257, "smollm2_135m": 49152,
+                "qwen3_0_6b": 151669, "llama3_2_1b": 128256}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--configs", nargs="*", default=list(VOCABULARIES))
+  parser.add_argument("--mesh-fsdp", type=int, default=1, help="devices the parameters are sharded over")
+  parser.add_argument("--batch-size", type=int, default=0, help="per-step sequences (default: the config's)")
+  args = parser.parse_args()
+
+  print(f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh fsdp={args.mesh_fsdp}\n")
+  print("| config | parameters | batch x context | parameters / device | optimizer state / device | "
+        "gradients and activations / device (XLA) | KV cache per sequence |")
+  print("|---|---|---|---|---|---|---|")
+  for name in args.configs:
+    cfg = config_lib.load_config(name, [f"mesh.data={jax.device_count() // args.mesh_fsdp}", f"mesh.fsdp={args.mesh_fsdp}",
+                                        *([f"train.batch_size={args.batch_size}"] if args.batch_size else [])])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=VOCABULARIES[name]))
+    tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
+    mesh = sharding.make_mesh(cfg.mesh)
+    steps = steps_lib.compile_steps(cfg, tx, schedule, mesh)
+    sizes = {k: f"{v / 2**20:,.1f} MiB" for k, v in metrics.memory_per_device(steps.abstract, steps.shardings, steps.train).items()}
+    print(f"| `{name}` | {model_lib.count_params(steps.abstract.params) / 1e6:,.1f}M | "
+          f"{cfg.train.batch_size} x {cfg.model.block_size} | {sizes['parameters']} | {sizes['optimizer state']} | "
+          f"{sizes['gradients and activations']} | {metrics.kv_cache_bytes(cfg.model) / 2**20:,.1f} MiB |")
+
+if __name__ == "__main__":
+  main()
