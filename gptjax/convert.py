@@ -261,8 +261,8 @@ def export_hf(run_dir: str, hf_dir: str, which: str = "best") -> int:
   cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(run_dir, which)
   if cfg.model.positions == "rope":  # the Llama / Qwen family
     config, tensors = hf_llama.hf_config(cfg.model), hf_llama.params_to_hf(params, cfg.model)
-    eot_id = tokenizer_lib.from_meta(tokenizer_meta).eot_id
-    config.update(bos_token_id=eot_id, eos_token_id=eot_id)
+    tok = tokenizer_lib.from_meta(tokenizer_meta)
+    config.update(bos_token_id=tok.eot_id if tok.bos_id is None else tok.bos_id, eos_token_id=tok.eot_id)
     if tokenizer_meta["kind"] != "hf":
       config["gptjax_tokenizer"] = tokenizer_meta
   else:

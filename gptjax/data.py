@@ -81,7 +81,7 @@ def _encode_documents(tok: tokenizer_lib.Tokenizer, documents: list[str]) -> np.
   """Documents joined into one token stream, separated by end-of-text where the tokenizer has one."""
   ids = []
   for doc in documents:
-    ids.extend(tok.encode(doc))
+    ids.extend(tokenizer_lib.encode_sequence(tok, doc))
     if tok.eot_id is not None:
       ids.append(tok.eot_id)
   return np.asarray(ids, dtype=np.int64)

@@ -105,7 +105,7 @@ def main(argv=None) -> None:
   cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(args.checkpoint, args.step, mesh)
   tok = tokenizer_lib.from_meta(tokenizer_meta)
   if args.text is not None:
-    tokens = np.asarray(tok.encode(data.read_text(args.text)), np.int32)
+    tokens = np.asarray(tokenizer_lib.encode_sequence(tok, data.read_text(args.text)), np.int32)
     what = args.text
   else:
     data_dir = args.data_dir or cfg.data.dir

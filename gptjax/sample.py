@@ -147,7 +147,7 @@ def main(argv=None) -> None:
   tok = tokenizer_lib.from_meta(tokenizer_meta)
   check_sampling_args(cfg.model.vocab_size, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
-  prompt_ids = tok.encode(args.prompt) or ([tok.eot_id] if tok.eot_id is not None else [])
+  prompt_ids = tokenizer_lib.encode_sequence(tok, args.prompt) or ([tok.eot_id] if tok.eot_id is not None else [])
   if not prompt_ids:
     raise UserError("an empty prompt needs a tokenizer with end-of-text; give --prompt text")
   prompt = np.tile(np.asarray(prompt_ids, np.int32), (args.num_samples, 1))

@@ -26,7 +26,7 @@ GPT2_ASSETS = importlib.resources.files("gptjax") / "assets" / "gpt2"  # encoder
 class CharTokenizer:
   """One token per distinct character of the training text."""
 
-  eot_id = None
+  eot_id = bos_id = None
 
   def __init__(self, chars: str):
     self.chars = chars
@@ -57,6 +57,7 @@ class GPT2Tokenizer:
   """GPT-2's byte-level BPE (50257 tokens, <|endoftext|> = 50256)."""
 
   eot_id = GPT2_EOT_ID
+  bos_id = None
   vocab_size = 50257
 
   def __init__(self):
@@ -84,10 +85,12 @@ def _gpt2_encoding() -> tiktoken.Encoding:
 
 class HFTokenizer:
   """A Hugging Face `tokenizer.json` through the `tokenizers` library, as transformers' fast
-  tokenizers read it; the file's text travels in the meta. `encode` adds no special tokens; the
-  model's end-of-text id (its config's eos_token_id) ends generation."""
+  tokenizers read it; the file's text travels in the meta. `encode` adds no special tokens. The
+  model's config names its end-of-text (eos_token_id: ends generation and documents) and its
+  beginning-of-sequence token (bos_token_id: starts each sequence, where the tokenizer's own
+  template adds it, as Llama's does)."""
 
-  def __init__(self, tokenizer_json: str, eot_id: int | None = None):
+  def __init__(self, tokenizer_json: str, eot_id: int | None = None, bos_id: int | None = None):
     import tokenizers
     try:
       self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
@@ -95,22 +98,25 @@ class HFTokenizer:
       raise UserError(f"not a Hugging Face tokenizer.json: {str(e).splitlines()[0]}") from None
     self._json, self.eot_id = tokenizer_json, eot_id
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    with_template = self._tokenizer.encode("a", add_special_tokens=True).ids
+    self.bos_id = bos_id if bos_id is not None and with_template[:1] == [bos_id] else None
 
   @classmethod
   def from_file(cls, path: str) -> "HFTokenizer":
     """A tokenizer.json; its end-of-text is the eos_token_id of a config.json beside it, if any."""
     path = pathlib.Path(path)
-    eos = None
+    config = {}
     if (path.parent / "config.json").is_file():
       try:
-        eos = json.loads((path.parent / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
+        config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
       except ValueError:
         raise UserError(f"{path.parent / 'config.json'} is not readable JSON") from None
     try:
       text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f"cannot read {path}: {e}") from None
-    return cls(text, eos[0] if isinstance(eos, list) else eos)
+    first = lambda ids: ids[0] if isinstance(ids, list) else ids  # noqa: E731 (some configs list several)
+    return cls(text, first(config.get("eos_token_id")), first(config.get("bos_token_id")))
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -119,10 +125,15 @@ class HFTokenizer:
     return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
   def to_meta(self) -> dict:
-    return {"kind": "hf", "tokenizer_json": self._json, "eot_id": self.eot_id}
+    return {"kind": "hf", "tokenizer_json": self._json, "eot_id": self.eot_id, "bos_id": self.bos_id}
 
 
 Tokenizer = CharTokenizer | GPT2Tokenizer | HFTokenizer
+
+
+def encode_sequence(tok: Tokenizer, text: str) -> list[int]:
+  """`text` as the model reads the start of a sequence: after its BOS token, if it has one."""
+  return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
 
 
 def from_meta(meta: dict) -> Tokenizer:
@@ -131,5 +142,5 @@ def from_meta(meta: dict) -> Tokenizer:
   if meta.get("kind") == "gpt2":
     return GPT2Tokenizer()
   if meta.get("kind") == "hf":
-    return HFTokenizer(meta["tokenizer_json"], meta.get("eot_id"))
+    return HFTokenizer(meta["tokenizer_json"], meta.get("eot_id"), meta.get("bos_id"))
   raise UserError(f"unknown tokenizer {meta.get('kind')!r}")

@@ -4,6 +4,7 @@ query/key RMSNorm, a head size of its own). No network: random-weight models sav
 `save_pretrained`, and a BPE tokenizer.json trained here on the built-in Shakespeare."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ from gptjax import hf_llama
 from gptjax import metrics
 from gptjax import model as model_lib
 from gptjax import sample
+from gptjax import tokenizer as tokenizer_lib
 
 from conftest import load_checkpoint, run_cli, transformers_sliding_window_nll
 
@@ -166,3 +168,22 @@ def test_fine_tuning_an_imported_llama_on_data_prepared_with_its_tokenizer_then_
   assert "resuming at step 4 of 6" in resumed.stdout and "done: step 6" in resumed.stdout
   cfg = load_checkpoint(tmp_path / "tuned", "latest")[0]
   assert cfg.model == load_checkpoint(imported)[0].model  # the architecture is the imported model's
+
+
+def test_a_tokenizer_whose_template_starts_sequences_with_bos(tokenizer_json, tmp_path):
+  """Llama's tokenizer.json adds <s> (bos_token_id) before each text: gptjax's sequences start with
+  it too (prompts, perplexity texts, prepared documents), and end documents with eos_token_id."""
+  tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+  tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+  (tmp_path / "tokenizer.json").write_text(tok.to_str())
+  (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+  ours = tokenizer_lib.HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+  assert (ours.bos_id, ours.eot_id) == (0, 1)
+  reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+  for text in TEXTS:
+    assert tokenizer_lib.encode_sequence(ours, text) == reference(text)["input_ids"], text
+  (tmp_path / "doc.txt").write_text("To be, or not to be: that is the question. " * 40)
+  data.prepare(str(tmp_path / "doc.txt"), str(tmp_path / "tokenizer.json"), str(tmp_path / "data"))
+  train_ids, val_ids = (data.load_tokens(str(tmp_path / "data"), split) for split in ("train", "val"))
+  assert train_ids[0] == 0 and val_ids[-1] == 1
+  assert tokenizer_lib.from_meta(ours.to_meta()).bos_id == 0
