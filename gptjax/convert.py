@@ -66,7 +66,7 @@ def hf_layout(cfg: config_lib.ModelConfig) -> dict[str, tuple[tuple[str, ...], i
   layout = {}
   for path, s in traverse_util.flatten_dict(model_lib.abstract_params(cfg)[0]).items():
     layers = range(cfg.n_layer) if path[0] == "h" else [None]
-    shape = s.shape[1:] if path[0] == "h" else s.shape
+    shape = s.shape[1:] if path[0] == "h" else (cfg.vocab_size, cfg.n_embd) if path[0] == "wte" else s.shape
     for layer in layers:
       layout[_hf_name(path, layer)] = (path, layer, shape, _hf_shape(path, shape))
   return layout
@@ -75,6 +75,7 @@ def hf_layout(cfg: config_lib.ModelConfig) -> dict[str, tuple[tuple[str, ...], i
 def params_to_hf(params, cfg: config_lib.ModelConfig) -> dict[str, np.ndarray]:
   """gptjax parameters -> GPT2LMHeadModel's state dict (float32 numpy arrays)."""
   flat = traverse_util.flatten_dict(jax.device_get(params))
+  flat[("wte", "embedding")] = flat[("wte", "embedding")][:cfg.vocab_size]  # without vocab_multiple's padding
   tensors = {}
   for name, (path, layer, _, hf_shape) in hf_layout(cfg).items():
     value = flat[path] if layer is None else flat[path][layer]
@@ -102,6 +103,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: config_lib.ModelConfig, 
       raise UserError(f"{source}: {name} has shape {tuple(tensors[name].shape)} but config.json implies {hf_shape}")
     per_layer.setdefault(path, []).append(np.asarray(tensors[name], np.float32).reshape(shape))
   flat = {path: np.stack(values) if path[0] == "h" else values[0] for path, values in per_layer.items()}
+  flat[("wte", "embedding")] = np.pad(flat[("wte", "embedding")], ((0, cfg.padded_vocab - cfg.vocab_size), (0, 0)))
   return traverse_util.unflatten_dict(flat)
 
 
@@ -135,8 +137,15 @@ def model_config_from_hf(hf: dict, source: str) -> config_lib.ModelConfig:
 
 def hf_config(cfg: config_lib.ModelConfig, tokenizer_meta: dict) -> dict:
   """A GPT2LMHeadModel config.json for a gptjax model."""
-  if not cfg.bias:
-    raise UserError("GPT-2 has biases; a model trained with model.bias=false cannot be exported to it")
+  gpt2 = config_lib.ModelConfig()
+  differs = [f"model.{name}={getattr(cfg, name)!r}" for name in (
+      "bias", "positions", "norm", "mlp", "mlp_hidden", "n_kv_head", "head_dim", "tie_embeddings", "qkv_bias", "qk_norm")
+      if getattr(cfg, name) != getattr(gpt2, name) and not (name == "n_kv_head" and cfg.kv_heads == cfg.n_head)
+      and not (name == "head_dim" and cfg.head_size * cfg.n_head == cfg.n_embd)
+      and not (name == "mlp_hidden" and cfg.mlp_size == 4 * cfg.n_embd)]
+  if differs:
+    raise UserError(f"{', '.join(differs)}: not GPT-2's architecture, and not the Llama family's either "
+                    "(rotary positions, RMSNorm, SwiGLU and no biases export as Llama or Qwen)")
   config = {
       "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
       "n_positions": cfg.block_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,

@@ -298,3 +298,24 @@ def test_imported_checkpoint_cannot_be_resumed(small, char_data):
   result = run_cli("train", "shakespeare_char_cpu", f"data.dir={char_data}", f"train.out_dir={imported}", "--resume")
   one_line_error(result, "holds model weights only", f"train.init_from={imported}")
   assert (digest(imported), digest(char_data)) == before
+
+
+def test_a_padded_vocabulary_exports_without_its_padding_and_other_architectures_are_refused(tmp_path, capsys):
+  cfg = config_lib.Config(model=config_lib.ModelConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                                                       vocab_multiple=128))  # nanoGPT's 50304
+  params = model_lib.init_params(cfg.model, jax.random.key(0))
+  assert params["wte"]["embedding"].shape == (50304, 32)
+  checkpoint.save_weights(str(tmp_path / "run"), params, config=cfg, tokenizer={"kind": "gpt2"})
+  assert _convert(capsys, "export", tmp_path / "run", tmp_path / "hf").returncode == 0
+  exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+  tokens = np.asarray([tokenizer_lib.GPT2Tokenizer().encode(PROMPT)])
+  assert np.abs(_gptjax_logits(cfg, params, tokens)[..., :50257] - _hf_logits(exported, tokens)).max() <= 1e-4
+  assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "again").returncode == 0
+  np.testing.assert_array_equal(load_checkpoint(tmp_path / "again")[2]["wte"]["embedding"],
+                                params["wte"]["embedding"][:50257])
+
+  rms = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, norm="rmsnorm", vocab_multiple=1))
+  checkpoint.save_weights(str(tmp_path / "rms"), model_lib.init_params(rms.model, jax.random.key(0)), config=rms,
+                          tokenizer={"kind": "gpt2"})
+  one_line_error(_convert(capsys, "export", tmp_path / "rms", tmp_path / "hf_rms"), "model.norm='rmsnorm': not GPT-2's")
+  assert not (tmp_path / "hf_rms").exists()
