@@ -317,5 +317,6 @@ def test_a_padded_vocabulary_exports_without_its_padding_and_other_architectures
   rms = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, norm="rmsnorm", vocab_multiple=1))
   checkpoint.save_weights(str(tmp_path / "rms"), model_lib.init_params(rms.model, jax.random.key(0)), config=rms,
                           tokenizer={"kind": "gpt2"})
+  before = digest(tmp_path / "rms")
   one_line_error(_convert(capsys, "export", tmp_path / "rms", tmp_path / "hf_rms"), "model.norm='rmsnorm': not GPT-2's")
-  assert not (tmp_path / "hf_rms").exists()
+  assert not (tmp_path / "hf_rms").exists() and digest(tmp_path / "rms") == before

@@ -5,6 +5,7 @@ query/key RMSNorm, a head size of its own). No network: random-weight models sav
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -16,13 +17,12 @@ import transformers
 from gptjax import convert
 from gptjax import data
 from gptjax import evaluate
-from gptjax import hf_llama
 from gptjax import metrics
 from gptjax import model as model_lib
 from gptjax import sample
 from gptjax import tokenizer as tokenizer_lib
 
-from conftest import load_checkpoint, run_cli, transformers_sliding_window_nll
+from conftest import digest, load_checkpoint, one_line_error, run_cli, transformers_sliding_window_nll
 
 VOCAB = 320
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -145,10 +145,15 @@ def test_grouped_query_attention_caches_only_the_key_value_heads(family):
   assert "(2 key/value heads for 4 query heads)" in metrics.kv_cache_report(cfg)
 
 
-def test_unsupported_family_members_are_refused_in_one_line(tmp_path):
-  config = transformers.LlamaConfig(**COMMON, hidden_act="gelu").to_dict() | {"architectures": ["LlamaForCausalLM"]}
-  with pytest.raises(Exception, match="hidden_act='gelu'"):
-    hf_llama.model_config_from_hf(config, "config.json")
+def test_unsupported_family_members_are_refused_in_one_line(family, tmp_path):
+  _, _, hf_dir, _ = family
+  shutil.copytree(hf_dir, tmp_path / "gelu")
+  config = json.loads((hf_dir / "config.json").read_text()) | {"hidden_act": "gelu"}
+  (tmp_path / "gelu" / "config.json").write_text(json.dumps(config))
+  before = digest(tmp_path)
+  one_line_error(run_cli("convert", "import", tmp_path / "gelu", tmp_path / "out"),
+                 "hidden_act='gelu' (gptjax's SwiGLU uses silu) is not supported")
+  assert digest(tmp_path) == before and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("family", ["llama"], indirect=True)  # the training path is the same for all
