@@ -192,3 +192,14 @@ def test_a_tokenizer_whose_template_starts_sequences_with_bos(tokenizer_json, tm
   train_ids, val_ids = (data.load_tokens(str(tmp_path / "data"), split) for split in ("train", "val"))
   assert train_ids[0] == 0 and val_ids[-1] == 1
   assert tokenizer_lib.from_meta(ours.to_meta()).bos_id == 0
+
+
+@pytest.mark.parametrize("family", ["qwen3"], indirect=True)
+def test_sharded_safetensors_import_like_one_file(family, tmp_path):
+  _, model, hf_dir, imported = family
+  model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+  assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+  shutil.copy(hf_dir / "tokenizer.json", tmp_path / "hf")
+  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "gptjax"))
+  again, original = load_checkpoint(tmp_path / "gptjax")[2], load_checkpoint(imported)[2]
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(original)))
