@@ -109,7 +109,7 @@ def _expected_llama_specs(tensor: int) -> dict[str, tuple]:
   }
 
 
-@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 1, 8)], ids=str)
+@pytest.mark.parametrize("mesh", [(2, 2, 2), pytest.param((1, 1, 8), marks=pytest.mark.slow)], ids=str)
 def test_the_llama_style_model_on_meshes_matches_one_device(tmp_path, char_data, mesh):
   def run(name, devices, *overrides):
     return train.train(tiny_config(tmp_path / name, f"data.dir={char_data}", *SHORT_RUN, *LLAMA_STYLE, *overrides),
@@ -183,6 +183,7 @@ def test_two_processes_train_like_one(tmp_path, char_data):
                jax.device_get(two_params), jax.device_get(one_state.params))
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_the_step_to_save_when_one_is_preempted(tmp_path, char_data):
   """SIGTERM to process 1 alone (which logs nothing): JAX's preemption service has both processes
   save the same step and exit 0; --resume on both then finishes the run."""

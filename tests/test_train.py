@@ -60,7 +60,8 @@ def test_resume_may_change_how_the_blocks_run(tmp_path, char_data):
   assert load_checkpoint(tmp_path / "b" / "out", "latest")[0].model.scan_layers  # the run's config records it
 
 
-@pytest.mark.parametrize("signum, seed", [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGKILL, 2)])
+@pytest.mark.parametrize("signum, seed", [(signal.SIGTERM, 0), pytest.param(signal.SIGTERM, 1, marks=pytest.mark.slow),
+                                          (signal.SIGKILL, 2)])
 def test_stopped_at_a_random_step_then_resumed_exactly(tmp_path, char_data, signum, seed):
   """SIGTERM at a random step: that step is saved, the exit is 0, and --resume ends where an
   uninterrupted run ends, bit for bit. kill -9: --resume starts from the last checkpoint (taking
