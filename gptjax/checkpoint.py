@@ -165,15 +165,16 @@ class Damaged(UserError):
 def _verified(manager: ocp.CheckpointManager, step: int, **items):
   """`items` of `step` restored (the arrays placed as their targets' shardings say) and checked
   against the checksums saved with them; raises Damaged, naming the step and what is wrong."""
-  step_dir = pathlib.Path(manager.directory) / str(step)
-  has_checksums = (step_dir / "checksums").is_dir()  # checkpoints written before checksums have none
+  arrays = [name for name, arg in items.items() if isinstance(arg, ocp.args.StandardRestore)]
+  # Checkpoints written before checksums have none; JSON items are not checksummed.
+  verify = bool(arrays) and (pathlib.Path(manager.directory) / str(step) / "checksums").is_dir()
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
-        **items, **({"checksums": ocp.args.JsonRestore()} if has_checksums else {})))
+        **items, **({"checksums": ocp.args.JsonRestore()} if verify else {})))
   except Exception as e:  # Orbax and TensorStore raise many types for a missing or damaged file
     raise Damaged(f"checkpoint step {step} in {manager.directory} is damaged ({_reason(e)})") from None
-  for name in items:
-    if has_checksums and restored.checksums.get("algorithm") == checksum.ALGORITHM and name in restored.checksums:
+  for name in arrays:
+    if verify and restored.checksums.get("algorithm") == checksum.ALGORITHM and name in restored.checksums:
       bad = checksum.first_mismatch(restored[name], restored.checksums[name])
       if bad is not None:
         raise Damaged(f"checkpoint step {step} in {manager.directory} is damaged ({name}{bad} is not what was saved)")

@@ -137,12 +137,11 @@ def model_config_from_hf(hf: dict, source: str) -> config_lib.ModelConfig:
 
 def hf_config(cfg: config_lib.ModelConfig, tokenizer_meta: dict) -> dict:
   """A GPT2LMHeadModel config.json for a gptjax model."""
-  gpt2 = config_lib.ModelConfig()
-  differs = [f"model.{name}={getattr(cfg, name)!r}" for name in (
-      "bias", "positions", "norm", "mlp", "mlp_hidden", "n_kv_head", "head_dim", "tie_embeddings", "qkv_bias", "qk_norm")
-      if getattr(cfg, name) != getattr(gpt2, name) and not (name == "n_kv_head" and cfg.kv_heads == cfg.n_head)
-      and not (name == "head_dim" and cfg.head_size * cfg.n_head == cfg.n_embd)
-      and not (name == "mlp_hidden" and cfg.mlp_size == 4 * cfg.n_embd)]
+  not_gpt2 = {"bias": not cfg.bias, "positions": cfg.positions != "learned", "norm": cfg.norm != "layernorm",
+              "mlp": cfg.mlp != "gelu", "mlp_hidden": cfg.mlp_size != 4 * cfg.n_embd,
+              "n_kv_head": cfg.kv_heads != cfg.n_head, "head_dim": cfg.head_size * cfg.n_head != cfg.n_embd,
+              "tie_embeddings": not cfg.tie_embeddings, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm}
+  differs = [f"model.{name}={getattr(cfg, name)!r}" for name, differ in not_gpt2.items() if differ]
   if differs:
     raise UserError(f"{', '.join(differs)}: not GPT-2's architecture, and not the Llama family's either "
                     "(rotary positions, RMSNorm, SwiGLU and no biases export as Llama or Qwen)")

@@ -106,8 +106,8 @@ class SaveCheckpoint:
 
   def close(self) -> None:
     """Waits for the save under way, then closes the manager (where Orbax reports failures too)."""
+    self.wait()
     with checkpoint.failed_saves_stop(self.manager, self.saving):
-      self.manager.wait_until_finished()
       self.manager.close()
 
 
