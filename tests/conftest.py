@@ -10,11 +10,13 @@ import hashlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from gptjax import checkpoint  # noqa: E402
 from gptjax import config as config_lib  # noqa: E402
 from gptjax import data  # noqa: E402
+from gptjax import model as model_lib  # noqa: E402
 from gptjax import tokenizer as tokenizer_lib  # noqa: E402
 
 TINY_OVERRIDES = [
@@ -73,6 +75,18 @@ def digest(directory):
   """{relative path: sha256} of every file under `directory`: proof that nothing was touched."""
   files = sorted(p for p in directory.rglob("*") if p.is_file())
   return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def gptjax_logits(cfg, params, tokens):
+  """float32 logits [B, T, vocab] of a gptjax model (`cfg` a Config) on token ids [B, T]."""
+  return np.asarray(model_lib.bind(cfg.model, params)(np.asarray(tokens, np.int32)))
+
+
+def hf_logits(model, tokens):
+  """The logits of a transformers causal LM (torch) on token ids [B, T], as numpy."""
+  import torch
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
 def transformers_sliding_window_nll(model, tokens, context, stride):

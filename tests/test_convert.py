@@ -26,7 +26,8 @@ from gptjax import steps
 from gptjax import tokenizer as tokenizer_lib
 from gptjax import train
 
-from conftest import digest, load_checkpoint, one_line_error, run_cli, transformers_sliding_window_nll
+from conftest import (digest, gptjax_logits, hf_logits, load_checkpoint, one_line_error, run_cli,
+                      transformers_sliding_window_nll)
 
 PROMPT = "It is a truth universally acknowledged, that a single man"
 
@@ -37,15 +38,6 @@ def _hf_model(path, seed=0, **config):
   model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
   model.save_pretrained(path)
   return model
-
-
-def _hf_logits(model, tokens):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
-
-
-def _gptjax_logits(cfg, params, tokens):
-  return np.asarray(model_lib.bind(cfg.model, params)(np.asarray(tokens, np.int32)))
 
 
 def _convert(capsys, *args):
@@ -76,7 +68,7 @@ def test_logits_equal_transformers_small(small):
   cfg, tok, params, step = load_checkpoint(imported)
   assert step == 0 and tok.to_meta() == {"kind": "gpt2"}
   tokens = np.random.default_rng(0).integers(0, 50257, size=(3, 64))  # the full context
-  diff = np.abs(_gptjax_logits(cfg, params, tokens) - _hf_logits(model, tokens)).max()
+  diff = np.abs(gptjax_logits(cfg, params, tokens) - hf_logits(model, tokens)).max()
   assert diff <= 1e-4, diff
 
 
@@ -87,7 +79,7 @@ def test_logits_equal_transformers_gpt2_124m_shape(tmp_path):
   assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
   assert model_lib.count_params(params) == sum(p.numel() for p in model.parameters()) == 124_439_808
   tokens = np.asarray([tokenizer_lib.GPT2Tokenizer().encode(PROMPT * 8)])
-  diff = np.abs(_gptjax_logits(cfg, params, tokens) - _hf_logits(model, tokens)).max()
+  diff = np.abs(gptjax_logits(cfg, params, tokens) - hf_logits(model, tokens)).max()
   assert diff <= 1e-4, diff
 
 
@@ -139,7 +131,7 @@ def test_export_of_a_trained_run_loads_in_transformers_and_round_trips(tiny_run,
   cfg, tok, params, _ = load_checkpoint(out_dir)
   exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
   tokens = np.asarray([tok.encode("ROMEO:\nWhat light through yonder")])
-  assert np.abs(_gptjax_logits(cfg, params, tokens) - _hf_logits(exported, tokens)).max() <= 1e-4
+  assert np.abs(gptjax_logits(cfg, params, tokens) - hf_logits(exported, tokens)).max() <= 1e-4
 
   assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "again").returncode == 0
   cfg_again, tok_again, params_again, _ = load_checkpoint(tmp_path / "again")
@@ -208,7 +200,7 @@ def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
   cfg, _, params, _ = load_checkpoint(imported)
   batches = data.TokenBatches(data.load_tokens(tmp_path / "data", "val"), batch_size=8,
                               block_size=cfg.model.block_size, seed=1337 + 2)
-  expected = np.mean([steps.cross_entropy(_gptjax_logits(cfg, params, x[0]), y[0]) for x, y in
+  expected = np.mean([steps.cross_entropy(gptjax_logits(cfg, params, x[0]), y[0]) for x, y in
                       (batches.batch(i) for i in range(2))])
   assert before["step"] == 0 and before["val_loss"] == pytest.approx(expected, rel=1e-5)
 
@@ -309,7 +301,7 @@ def test_a_padded_vocabulary_exports_without_its_padding_and_other_architectures
   assert _convert(capsys, "export", tmp_path / "run", tmp_path / "hf").returncode == 0
   exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
   tokens = np.asarray([tokenizer_lib.GPT2Tokenizer().encode(PROMPT)])
-  assert np.abs(_gptjax_logits(cfg, params, tokens)[..., :50257] - _hf_logits(exported, tokens)).max() <= 1e-4
+  assert np.abs(gptjax_logits(cfg, params, tokens)[..., :50257] - hf_logits(exported, tokens)).max() <= 1e-4
   assert _convert(capsys, "import", tmp_path / "hf", tmp_path / "again").returncode == 0
   np.testing.assert_array_equal(load_checkpoint(tmp_path / "again")[2]["wte"]["embedding"],
                                 params["wte"]["embedding"][:50257])

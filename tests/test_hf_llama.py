@@ -22,7 +22,8 @@ from gptjax import model as model_lib
 from gptjax import sample
 from gptjax import tokenizer as tokenizer_lib
 
-from conftest import digest, load_checkpoint, one_line_error, run_cli, transformers_sliding_window_nll
+from conftest import (digest, gptjax_logits, hf_logits, load_checkpoint, one_line_error, run_cli,
+                      transformers_sliding_window_nll)
 
 VOCAB = 320
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -68,19 +69,13 @@ def family(request, tmp_path_factory, tokenizer_json):
   return name, model, root / "hf", root / "gptjax"
 
 
-def _hf_logits(model, tokens):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
-
-
 def test_logits_equal_transformers(family):
   name, model, _, imported = family
   cfg, _, params, _ = load_checkpoint(imported)
   assert (cfg.model.kv_heads, cfg.model.tie_embeddings, cfg.model.qkv_bias, cfg.model.qk_norm) == {
       "llama": (2, False, False, False), "qwen2": (2, True, True, False), "qwen3": (2, True, False, True)}[name]
   tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
-  ours = np.asarray(model_lib.bind(cfg.model, params)(tokens))
-  assert np.abs(ours - _hf_logits(model, tokens)).max() <= 1e-4
+  assert np.abs(gptjax_logits(cfg, params, tokens) - hf_logits(model, tokens)).max() <= 1e-4
 
 
 def test_greedy_generation_equals_transformers_generate(family):
