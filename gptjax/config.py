@@ -9,6 +9,7 @@ checks keys and types against the dataclasses.
 import dataclasses
 import importlib.resources
 import pathlib
+import re
 
 from omegaconf import DictConfig
 from omegaconf import OmegaConf
@@ -37,6 +38,10 @@ class ModelConfig:
   # The blocks as one lax.scan over their stacked parameters: compile time flat in depth (48 layers
   # compile 6x faster), but a loop over them trains 17-31% faster on CPU (benchmarks/RESULTS.md).
   scan_layers: bool = False
+  # Training attention: xla (jax.nn.dot_product_attention's XLA path: one [T, T] masked softmax),
+  # blocked (query blocks that skip the keys above the diagonal: 2x faster on CPU), or auto (cuDNN's
+  # fused kernel on GPUs where it applies, else XLA's; blocked on CPU).
+  attention: str = "auto"
   # The Llama / Qwen family, as options of the one model; the defaults are GPT-2's.
   positions: str = "learned"  # learned (a position table) or rope (rotary, applied to queries and keys)
   rope_theta: float = 10000.0
@@ -124,6 +129,11 @@ class TrainConfig:
   max_bad_steps: int = 20  # stop after this many consecutive steps with a non-finite loss or gradient
   seed: int = 1337
   peak_flops_per_device: float = 0.0  # for MFU; 0 looks the device up in a table
+  profile: str = ""  # START:END: a jax.profiler trace of the steps after START up to END, in out_dir/profile
+
+  @property
+  def profile_steps(self) -> tuple[int, int] | None:
+    return tuple(int(n) for n in self.profile.split(":")) if self.profile else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +224,7 @@ def validate(cfg: Config) -> Config:
       (m.positions == "learned" or m.n_head <= 0 or m.head_size % 2 == 0,
        "rotary positions need an even head dimension"),
       (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} is not in [0, 1)"),
+      (m.attention in ("auto", "xla", "blocked"), f"model.attention={m.attention!r} is not auto, xla or blocked"),
       (m.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={m.dtype!r} is not auto, float32 or bfloat16"),
       (m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)} "
                                   "(what was model.remat=true is now full)"),
@@ -224,6 +235,8 @@ def validate(cfg: Config) -> Config:
       (t.max_iters >= 0, f"train.max_iters={t.max_iters} is negative"),
       (t.peak_flops_per_device >= 0, f"train.peak_flops_per_device={t.peak_flops_per_device} is negative (0 looks it up)"),
       (t.checkpoint_minutes >= 0, f"train.checkpoint_minutes={t.checkpoint_minutes} is negative (0 turns it off)"),
+      (not t.profile or (re.fullmatch(r"\d+:\d+", t.profile) and int(t.profile.split(":")[0]) < int(t.profile.split(":")[1])),
+       f"train.profile={t.profile!r} is not START:END with 0 <= START < END (steps, e.g. 100:105)"),
       (o.learning_rate > 0 and 0 <= o.min_lr <= o.learning_rate,
        "optim.learning_rate must be positive and optim.min_lr in [0, learning_rate]"),
       (o.warmup_iters >= 0 and o.lr_decay_iters > o.warmup_iters,

@@ -22,12 +22,13 @@ from gptjax import lock
 from gptjax import metrics
 from gptjax import model as model_lib
 from gptjax import optim
+from gptjax import profile
 from gptjax import sharding
 from gptjax import steps as steps_lib
 from gptjax.errors import UserError
 from gptjax.steps import TrainState
 
-EXECUTION_FIELDS = ("dropout", "dtype", "remat", "scan_layers")  # how a run computes, not what it learns
+EXECUTION_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention")  # how a run computes, not what it learns
 
 
 def _with_architecture(cfg: config_lib.Config, model: config_lib.ModelConfig) -> config_lib.Config:
@@ -38,7 +39,7 @@ def _with_architecture(cfg: config_lib.Config, model: config_lib.ModelConfig) ->
 
 def _how_computed_aside(model: config_lib.ModelConfig) -> config_lib.ModelConfig:
   """What a resumed run must keep: remat and scanning may change, they compute the same values."""
-  return dataclasses.replace(model, remat="none", scan_layers=True)
+  return dataclasses.replace(model, remat="none", scan_layers=True, attention="auto")
 
 
 def _describe(tokenizer_meta: dict) -> str:
@@ -165,18 +166,21 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     evaluation = hooks.Evaluate(_loss_estimator(steps, splits, batch_args, mesh, t), log, throughput)
     save = hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput)
     on_signal = hooks.SaveOnSignal(save, resume_hint)
+    profiler = profile.Profile(t.out_dir, *(t.profile_steps or (-1, -1)), log)
     loop_hooks = [
         hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps), every=(t.log_interval,)),
         hooks.Hook(evaluation, every=(t.eval_interval,)),
         hooks.Hook(save, every=(t.checkpoint_interval,)),
         *([hooks.Hook(hooks.SaveEvery(save, t.checkpoint_minutes), every=(t.log_interval,))] if t.checkpoint_minutes else []),
         hooks.Hook(save.check, every=(1,)),
+        *([hooks.Hook(profiler, every=(1,))] if t.profile else []),
         hooks.Hook(on_signal, every=(1,)),
     ]
     on_signal.install()
     try:
       if start_step >= t.max_iters:  # already done: report it
         evaluation(start_step, state)
+      profiler(start_step, state, {})  # train.profile=0:N starts before the first step
       for step in range(start_step, t.max_iters):
         inputs, targets = next(train_batches)
         state, step_metrics = steps.train(state, sharding.put_batch(inputs, mesh), sharding.put_batch(targets, mesh))
@@ -187,6 +191,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
       return {"step": int(state.step), "stopped": str(stop)}, state
     finally:  # however the loop ends, a save under way completes
       on_signal.restore()
+      profiler.close()
       bar.close()
       save.close()
   return evaluation.latest, state

@@ -133,9 +133,10 @@ def test_grouped_query_attention_caches_only_the_key_value_heads(family):
   gqa = jax.eval_shape(lambda: model_lib.bind(cfg, model_lib.init_params(cfg, jax.random.key(0))).init_cache(1))
   mha_cfg = dataclasses.replace(cfg, n_kv_head=0)
   mha = jax.eval_shape(lambda: model_lib.bind(mha_cfg, model_lib.init_params(mha_cfg, jax.random.key(0))).init_cache(1))
-  assert mha.key.size == gqa.key.size * cfg.n_head // cfg.kv_heads == gqa.key.size * 2
+  size = lambda cache: sum(k.size for k in cache.key)  # noqa: E731
+  assert size(mha) == size(gqa) * cfg.n_head // cfg.kv_heads == size(gqa) * 2
   for c, cache in ((cfg, gqa), (mha_cfg, mha)):  # what training's start-up report says
-    nbytes = 2 * cache.key.size * cache.key.dtype.itemsize
+    nbytes = 2 * size(cache) * cache.key[0].dtype.itemsize
     assert f"KV cache for sampling: {nbytes / 2**20:,.2f} MiB per sequence" in metrics.kv_cache_report(c)
   assert "(2 key/value heads for 4 query heads)" in metrics.kv_cache_report(cfg)
 

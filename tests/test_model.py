@@ -56,14 +56,16 @@ def test_decode_with_the_models_cache_matches_full_forward(scan_layers):
   tokens = jax.random.randint(jax.random.key(2), (3, 12), 0, CFG.vocab_size)
   model = model_lib.bind(cfg, params)
   cache = model.init_cache(3)
-  assert cache.key.shape == (2, 3, CFG.block_size, 4, 8)  # [layer, batch, position, head, head_dim]
-  prefill, cache = model.decode(tokens[:, :7], cache)
-  steps = [prefill]
-  for t in range(7, 12):
-    logits, cache = model.decode(tokens[:, t:t + 1], cache)
-    steps.append(logits)
+  assert [k.shape for k in cache.key] == [(3, 4, CFG.block_size, 8)] * 2  # per layer [batch, head, position, head_dim]
+  next_logits = [model.decode(tokens[:, :7], cache)[0]]  # the prompt at once: the next token's logits
+  cache = model.init_cache(3, length=12)  # a cache just long enough
+  for t in range(12):
+    logits, cache = model.decode(tokens[:, t:t + 1], cache, model.layer_params() if t % 2 else None)
+    next_logits.append(logits)
   assert int(cache.length) == 12
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), model(tokens), atol=1e-5)
+  full = model(tokens)
+  np.testing.assert_allclose(next_logits[0], full[:, 6], atol=1e-5)
+  np.testing.assert_allclose(jnp.stack(next_logits[1:], axis=1), full, atol=1e-5)
 
 
 def _loss_and_grads(cfg, params, tokens, dropout_key=None):
@@ -124,3 +126,15 @@ def test_a_padded_vocabulary_changes_no_logit_and_its_padding_is_never_chosen():
   unpadded = {**params, "wte": {"embedding": params["wte"]["embedding"][:77]}}
   np.testing.assert_array_equal(logits[..., :77], np.asarray(model_lib.bind(cfg, unpadded)(tokens)))
   assert (logits[..., 77:] == np.finfo(np.float32).min).all()
+
+
+@pytest.mark.parametrize("block_size,n_kv_head", [(16, 0), (70, 2)])  # 70: blocks of 17 and a last one of 2
+def test_blocked_causal_attention_equals_the_full_masked_softmax(block_size, n_kv_head):
+  cfg = dataclasses.replace(CFG, block_size=block_size, n_kv_head=n_kv_head)
+  params = _params(cfg)
+  tokens = jax.random.randint(jax.random.key(3), (2, block_size), 0, cfg.vocab_size)
+  xla, blocked = (dataclasses.replace(cfg, attention=attention) for attention in ("xla", "blocked"))
+  np.testing.assert_allclose(_logits(blocked, params, tokens), _logits(xla, params, tokens), atol=1e-5)
+  (xla_loss, xla_grads), (blocked_loss, blocked_grads) = (_loss_and_grads(c, params, tokens) for c in (xla, blocked))
+  np.testing.assert_allclose(blocked_loss, xla_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), blocked_grads, xla_grads)

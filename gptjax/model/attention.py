@@ -6,8 +6,11 @@ GPT-2's [embd, 3 * embd] and [embd, embd] matrices. With fewer key/value heads t
 (grouped-query attention, `model.n_kv_head`) the queries and the keys/values have projections of
 their own (q_attn [embd, heads, head_dim], kv_attn [embd, 2, kv_heads, head_dim]), and the cache
 holds only the key/value heads. Queries and keys are RMS-normalised per head (Qwen3) and rotated
-(rotary positions) where configured. Attention itself is one
-`jax.nn.dot_product_attention` call, which can use cuDNN's fused kernel on GPUs.
+(rotary positions) where configured. Training attention is one `jax.nn.dot_product_attention`
+call, which can use cuDNN's fused kernel on GPUs. Generation attends over the cache, which keeps
+each head's positions contiguous ([.., kv_heads, S, head_dim]) so that the two matmuls read it as
+it lies: in the layout of training's attention, XLA copied the whole cache of every layer into
+that layout for each new token (a third of the time per token on CPU).
 """
 
 import math
@@ -25,10 +28,10 @@ from gptjax.model.layers import axes, compute_dtype, norm
 
 @struct.dataclass
 class KVCache:
-  """Keys and values of every layer [n_layer, B, block_size, kv_heads, head_dim], of which the first
-  `length` positions are filled. Each layer writes its own slice in place."""
-  key: jax.Array
-  value: jax.Array
+  """Keys and values, an array [B, kv_heads, S, head_dim] per layer, of which the first `length`
+  positions are filled. Each layer updates its own arrays in place."""
+  key: tuple[jax.Array, ...]
+  value: tuple[jax.Array, ...]
   length: jax.Array  # int32 []
 
 
@@ -60,11 +63,12 @@ class CausalSelfAttention(nnx.Module):
     start, start + 1, ... (normalised and rotated as configured)."""
     if hasattr(self, "c_attn"):
       qkv_BT3HK = sharding.constrain(self.c_attn(x_BTD), ("batch", "sequence", None, "heads", "kv"))
-      q_BTHK, k_BTGK, v_BTGK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
+      # One split, not three slices: the gradient is one concatenation instead of three padded sums.
+      q_BTHK, k_BTGK, v_BTGK = (x[:, :, 0] for x in jnp.split(qkv_BT3HK, 3, axis=2))
     else:
       q_BTHK = sharding.constrain(self.q_attn(x_BTD), ("batch", "sequence", "heads", "kv"))
       kv_BT2GK = sharding.constrain(self.kv_attn(x_BTD), ("batch", "sequence", None, "kv_heads", "kv"))
-      k_BTGK, v_BTGK = kv_BT2GK[:, :, 0], kv_BT2GK[:, :, 1]
+      k_BTGK, v_BTGK = (x[:, :, 0] for x in jnp.split(kv_BT2GK, 2, axis=2))
     if self.cfg.qk_norm:
       q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
     if self.cfg.positions == "rope":
@@ -74,19 +78,52 @@ class CausalSelfAttention(nnx.Module):
 
   def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None):
     """-> (output [B, T, embd], the cache with this call's keys and values written into layer
-    `layer` at positions [length, length + T); None without a cache)."""
+    `layer`'s arrays at positions [length, length + T); None without a cache)."""
     q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, 0 if cache is None else cache.length)
-    if cache is None:
-      y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=True)
-    else:
-      at = (layer, 0, cache.length, 0, 0)
-      cache = cache.replace(key=jax.lax.dynamic_update_slice(cache.key, k_BTGK[None].astype(cache.key.dtype), at),
-                            value=jax.lax.dynamic_update_slice(cache.value, v_BTGK[None].astype(cache.value.dtype), at))
-      k_BSGK = jax.lax.dynamic_index_in_dim(cache.key, layer, keepdims=False)
-      v_BSGK = jax.lax.dynamic_index_in_dim(cache.value, layer, keepdims=False)
-      # Attend over the whole cache; keys past each query's position (unwritten ones too) are masked.
-      query_pos_T = cache.length + jnp.arange(x_BTD.shape[1])
-      mask_TS = jnp.arange(k_BSGK.shape[1])[None, :] <= query_pos_T[:, None]
-      y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_TS[None, None])
+    if cache is not None:
+      y_BTHK, cache = self._attend_cached(q_BTHK, k_BTGK, v_BTGK, cache, layer)
+    elif self.cfg.attention == "blocked" or (self.cfg.attention == "auto" and jax.default_backend() == "cpu"):
+      y_BTHK = causal_attend(q_BTHK, k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3))
+    else:  # cuDNN's fused kernel where it applies ("auto" on GPUs), else XLA's
+      y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=True,
+                                            implementation="xla" if self.cfg.attention == "xla" else None)
     y_BTD = self.c_proj(y_BTHK)
     return self.dropout(y_BTD, deterministic=dropout_key is None, rngs=dropout_key), cache
+
+  def _attend_cached(self, q_BTHK, k_BTGK, v_BTGK, cache: KVCache, layer):
+    """Writes the new keys and values at cache.length, then attends over the whole cache; keys past
+    each query's position (unwritten ones too) are masked."""
+    at = (0, 0, cache.length, 0)
+    k_BGSK, v_BGSK = (jax.lax.dynamic_update_slice(stored[layer], new.transpose(0, 2, 1, 3).astype(stored[layer].dtype), at)
+                      for stored, new in ((cache.key, k_BTGK), (cache.value, v_BTGK)))
+    cache = cache.replace(key=(*cache.key[:layer], k_BGSK, *cache.key[layer + 1:]),
+                          value=(*cache.value[:layer], v_BGSK, *cache.value[layer + 1:]))
+    query_pos_T = cache.length + jnp.arange(q_BTHK.shape[1])
+    return attend(q_BTHK, k_BGSK, v_BGSK, jnp.arange(k_BGSK.shape[2])[None, :] <= query_pos_T[:, None]), cache
+
+
+def causal_attend(q_BTHK, k_BGTK, v_BGTK):
+  """Causal attention in blocks of queries, each over the keys up to its last position: the
+  blocks above the diagonal, half the scores, are never computed. Four to eight blocks; on CPU
+  this is twice as fast as attending with the full [T, T] mask (benchmarks/RESULTS.md)."""
+  T = q_BTHK.shape[1]
+  block = max(16, min(128, T // 4))
+  outputs = []
+  for start in range(0, T, block):
+    end = min(start + block, T)
+    mask_QS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+    outputs.append(attend(q_BTHK[:, start:end], k_BGTK[:, :, :end], v_BGTK[:, :, :end], mask_QS))
+  return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
+
+
+def attend(q_BTHK, k_BGSK, v_BGSK, mask_TS):
+  """Softmax attention as two einsums: queries [B, T, heads, head_dim] over keys and values
+  [B, kv_heads, S, head_dim] where mask [T, S] allows -> [B, T, heads, head_dim]. Scores and
+  softmax in float32."""
+  B, T, H, K = q_BTHK.shape
+  G = k_BGSK.shape[1]
+  q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)  # R: the query heads that share a key/value head
+  scores_BGRTS = jnp.einsum("btgrk,bgsk->bgrts", q_BTGRK, k_BGSK, preferred_element_type=jnp.float32) / math.sqrt(K)
+  weights_BGRTS = jax.nn.softmax(jnp.where(mask_TS, scores_BGRTS, -jnp.inf), axis=-1).astype(v_BGSK.dtype)
+  y_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", weights_BGRTS, v_BGSK)
+  return y_BTGRK.reshape(B, T, H, K)

@@ -5,6 +5,7 @@ one kernel c_fc [embd, 2, hidden]. The hidden size is `model.mlp_hidden` (defaul
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import sharding
@@ -29,7 +30,8 @@ class MLP(nnx.Module):
   def __call__(self, x_BTD, dropout_key: jax.Array | None):
     if self.swiglu:
       gate_up_BT2F = sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", None, "mlp"))
-      h_BTF = jax.nn.silu(gate_up_BT2F[:, :, 0]) * gate_up_BT2F[:, :, 1]
+      gate_BT1F, up_BT1F = jnp.split(gate_up_BT2F, 2, axis=2)  # one split: its gradient is one concatenation
+      h_BTF = (jax.nn.silu(gate_BT1F) * up_BT1F)[:, :, 0]
     else:
       h_BTF = jax.nn.gelu(sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", "mlp")), approximate=True)
     y_BTD = self.c_proj(h_BTF)

@@ -23,7 +23,7 @@ from gptjax.model.layers import axes, compute_dtype, norm
 from gptjax.model.mlp import MLP
 
 RESIDUAL_AXES = ("batch", "sequence", "embed")  # the residual stream [B, T, embd]
-CACHE_AXES = ("layers", "batch", "sequence", "kv_heads", "kv")  # the cache [n_layer, B, S, kv_heads, head_dim]
+CACHE_AXES = ("batch", "kv_heads", "sequence", "kv")  # each layer's cache [B, kv_heads, S, head_dim]
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -81,19 +81,28 @@ class GPT(nnx.Module):
     logits_BTV, _ = self._forward(tokens_BT, None, dropout_key)
     return logits_BTV
 
-  def init_cache(self, batch: int) -> KVCache:
+  def init_cache(self, batch: int, length: int | None = None) -> KVCache:
+    """An empty cache for `length` positions (default: the whole context, block_size)."""
     cfg = self.cfg
-    shape = (cfg.n_layer, batch, cfg.block_size, cfg.kv_heads, cfg.head_size)
-    empty = sharding.constrain(jnp.zeros(shape, compute_dtype(cfg)), CACHE_AXES)
-    return KVCache(empty, empty, jnp.zeros((), jnp.int32))
+    empty = sharding.constrain(jnp.zeros((batch, cfg.kv_heads, length or cfg.block_size, cfg.head_size),
+                                         compute_dtype(cfg)), CACHE_AXES)
+    return KVCache((empty,) * cfg.n_layer, (empty,) * cfg.n_layer, jnp.zeros((), jnp.int32))
 
-  def decode(self, tokens_BT, cache: KVCache):
-    """tokens [B, T] continue the cached sequence -> (logits [B, T, vocab], the extended cache).
-    The caller keeps cache.length + T <= block_size (`gptjax.sample` restarts the cache before)."""
-    logits_BTV, cache = self._forward(tokens_BT, cache, None)
-    return logits_BTV, cache.replace(length=cache.length + tokens_BT.shape[1])
+  def layer_params(self) -> list[nnx.State]:
+    """Each block's parameters, sliced out of the stack. A generation loop takes them from outside
+    (`decode(..., layers=)`): sliced inside it, every layer's weights are copied for each token."""
+    stacked = nnx.state(self.h)
+    return [jax.tree.map(lambda x: x[i], stacked) for i in range(self.cfg.n_layer)]
 
-  def _forward(self, tokens_BT, cache: KVCache | None, dropout_key):
+  def decode(self, tokens_BT, cache: KVCache, layers: list[nnx.State] | None = None):
+    """tokens [B, T] continue the cached sequence -> (the next token's logits [B, vocab], the
+    extended cache). Only the last position goes through the LM head. The caller keeps
+    cache.length + T within the cache and block_size (`gptjax.sample` restarts the cache before)."""
+    logits_B1V, cache = self._forward(tokens_BT, cache, None, layers)
+    return logits_B1V[:, 0], cache.replace(length=cache.length + tokens_BT.shape[1])
+
+  def _forward(self, tokens_BT, cache: KVCache | None, dropout_key, layers=None):
+    """-> (logits [B, T, vocab] without a cache, or of the last position [B, 1, vocab] with one; the cache)."""
     cfg = self.cfg
     start = 0 if cache is None else cache.length
     embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
@@ -104,33 +113,34 @@ class GPT(nnx.Module):
     x_BTD = self.dropout(x_BTD, deterministic=embed_key is None, rngs=embed_key)
     x_BTD = sharding.constrain(x_BTD, RESIDUAL_AXES)
     layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.n_layer)
-    x_BTD, cache = self._blocks(x_BTD, cache, layer_keys)
+    if cache is None:
+      x_BTD = self._blocks(x_BTD, layer_keys)
+    else:  # generation: blocks unrolled, each with its own weights and cache; the next token's logits only
+      graphdef = nnx.graphdef(self.h)
+      for i, params in enumerate(layers or self.layer_params()):
+        x_BTD, cache = nnx.merge(graphdef, params)(x_BTD, cache, i, None)
+      x_BTD = x_BTD[:, -1:]
     x_BTD = self.ln_f(x_BTD)
     logits_BTV = (self.wte.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)).astype(jnp.float32)
     if cfg.padded_vocab > cfg.vocab_size:  # padding rows: never sampled, never part of a softmax
       logits_BTV = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits_BTV, jnp.finfo(jnp.float32).min)
     return sharding.constrain(logits_BTV, ("batch", "sequence", "vocab")), cache
 
-  def _blocks(self, x_BTD, cache: KVCache | None, layer_keys):
-    """Runs the stacked blocks in order; layer_keys (or None) has a leading layer axis. The cache
-    travels whole from layer to layer, each writing its own slice."""
+  def _blocks(self, x_BTD, layer_keys):
+    """Runs the stacked blocks in order (training and evaluation); layer_keys (or None) has a leading layer axis."""
     graphdef, stacked = nnx.split(self.h)
 
-    def layer(carry, per_layer):
-      params, index, key = per_layer
-      return nnx.merge(graphdef, params)(*carry, index, key), None
+    def layer(x_BTD, per_layer):
+      params, key = per_layer
+      return nnx.merge(graphdef, params)(x_BTD, None, None, key)[0], None
 
-    if self.cfg.remat != "none" and cache is None:  # decoding is never differentiated
+    if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-    # Decoding always scans: unrolled, XLA copies every layer's weights out of the stacked
-    # arrays for each new token (half the sampling speed on CPU, benchmarks/RESULTS.md).
-    if self.cfg.scan_layers or cache is not None:
-      return jax.lax.scan(layer, (x_BTD, cache), (stacked, jnp.arange(self.cfg.n_layer), layer_keys))[0]
+    if self.cfg.scan_layers:
+      return jax.lax.scan(layer, x_BTD, (stacked, layer_keys))[0]
     # Unrolled: unstack each array once (its gradient is one stack, not n_layer padded slices).
     leaves, treedef = jax.tree.flatten((stacked, layer_keys))
     unstacked = [jnp.unstack(leaf) for leaf in leaves]
-    carry = (x_BTD, cache)
     for i in range(self.cfg.n_layer):
-      params, key = treedef.unflatten([layers[i] for layers in unstacked])
-      carry, _ = layer(carry, (params, i, key))
-    return carry
+      x_BTD, _ = layer(x_BTD, treedef.unflatten([layers[i] for layers in unstacked]))
+    return x_BTD
