@@ -3,6 +3,7 @@ machine: train-step throughput, sampling speed, and train-step compile time agai
 
     python benchmarks/nnx_vs_linen.py                      # everything, 5 alternated rounds
     python benchmarks/nnx_vs_linen.py --rounds 3 --only train
+    python benchmarks/nnx_vs_linen.py --tiny               # a 2-layer model, one round: the script works
 
 Each measurement runs in a separate process; the two versions alternate within every round and
 the table reports medians. The Linen code is taken from git (`--baseline`, default the last Linen
@@ -31,6 +32,7 @@ TRAIN_CASES = [
 ]
 SAMPLE_CASES = [("6x384, ctx 256, 200 new tokens, batch 1", 1), ("6x384, ctx 256, 200 new tokens, batch 8", 8)]
 DEPTHS = (4, 12, 24, 48)
+TINY_MODEL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32"]
 
 
 # ---- workers: run inside one version's tree, print one JSON line ----
@@ -145,8 +147,14 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--baseline", default=LINEN_COMMIT, help="the git revision with the Linen model")
   parser.add_argument("--only", choices=["train", "sample", "compile"], action="append")
+  parser.add_argument("--tiny", action="store_true", help="a 2-layer model and one round: checks that the script works")
   parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  global TRAIN_CASES, SAMPLE_CASES, DEPTHS
+  if args.tiny:
+    args.rounds, DEPTHS = 1, (2,)
+    TRAIN_CASES = [("tiny (2x32, ctx 32, batch 12)", "shakespeare_char_cpu", [], 21)]  # the model: the variants' overrides
+    SAMPLE_CASES = [("tiny (2x32, ctx 32), batch 1", 1)]
   if args.worker:
     kind, *rest = args.worker
     if kind == "which":
@@ -172,8 +180,9 @@ def main():
                    capture_output=True, cwd=ROOT)
     print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, baseline {args.baseline}, {args.rounds} rounds, medians\n")
 
-    variants = {"Linen": (linen, []), "NNX scanned": (ROOT, ["model.scan_layers=true"]),
-                "NNX unrolled": (ROOT, ["model.scan_layers=false"])}
+    tiny = TINY_MODEL if args.tiny else []
+    variants = {"Linen": (linen, tiny), "NNX scanned": (ROOT, ["model.scan_layers=true", *tiny]),
+                "NNX unrolled": (ROOT, ["model.scan_layers=false", *tiny])}
     header = " | ".join(f"{name} tokens/s" for name in variants) + " | scanned / Linen | unrolled / Linen |"
     if "train" in parts:
       print(f"| train step | {header}\n|---|---|---|---|---|---|")

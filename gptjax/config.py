@@ -175,6 +175,14 @@ def _merge(*sources) -> Config:
     raise UserError(f"bad config: {_one_line(e)}") from None
 
 
+def _field_type(key: str):
+  """The declared type of `section.field`, or None where there is no such field."""
+  section, _, field = key.partition(".")
+  sections = {f.name: f.type for f in dataclasses.fields(Config)}
+  fields = {f.name: f.type for f in dataclasses.fields(sections[section])} if section in sections else {}
+  return fields.get(field)
+
+
 def load_config(name: str | None = None, overrides: list[str] = ()) -> Config:
   """Defaults, then the named config or YAML file, then `section.field=value` overrides."""
   sources = []
@@ -196,8 +204,16 @@ def load_config(name: str | None = None, overrides: list[str] = ()) -> Config:
     if key in given:
       raise UserError(f"{key} is given twice: {given[key]!r} and {item!r}")
     given[key] = item
+  # Text fields take the text as given: YAML would read train.profile=2:4 as the number 124.
+  text, typed = {}, []  # text: {section: {field: value}}
+  for key, item in given.items():
+    if _field_type(key) is str:
+      section, field = key.split(".", 1)
+      text.setdefault(section, {})[field] = item.split("=", 1)[1]
+    else:
+      typed.append(item)
   try:
-    sources.append(OmegaConf.from_dotlist(list(overrides)))
+    sources += [OmegaConf.from_dotlist(typed), OmegaConf.create(text)]
   except OmegaConfBaseException as e:
     raise UserError(f"bad override: {_one_line(e)}") from None
   return _merge(*sources)

@@ -19,11 +19,13 @@ from gptjax.steps import TrainState
 
 class Profile:
   """A hook run after every step: starts the trace once step `start` is done, stops it after step
-  `end` (waiting for that step), and logs where the trace is. `close` stops a trace that a loop
+  `end` (waiting for that step), and logs where the trace is and the operations that took most of
+  its time (named from `compiled_text`, the train step's). `close` stops a trace that a loop
   ending early left open."""
 
-  def __init__(self, out_dir: str, start: int, end: int, log: Callable[[str], None]):
+  def __init__(self, out_dir: str, start: int, end: int, log: Callable[[str], None], compiled_text: str):
     self.dir, self.start, self.end, self.log = os.path.join(out_dir, "profile"), start, end, log
+    self.compiled_text = compiled_text
     self.active = False
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
@@ -36,6 +38,9 @@ class Profile:
       self.close()
       self.log(f"profile of steps {self.start + 1}-{self.end} written to {self.dir} "
                "(open it with TensorBoard's profile plugin, XProf or ui.perfetto.dev)")
+      table = summarize(trace_files(self.dir)[-1], op_names(self.compiled_text), self.end - self.start)
+      if table:  # named operations were found on the device's timelines
+        self.log("most of the time: " + ", ".join(f"{name} {share:.0%}" for name, _, share in table[:5]))
 
   def close(self) -> None:
     if self.active:

@@ -166,7 +166,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     evaluation = hooks.Evaluate(_loss_estimator(steps, splits, batch_args, mesh, t), log, throughput)
     save = hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput)
     on_signal = hooks.SaveOnSignal(save, resume_hint)
-    profiler = profile.Profile(t.out_dir, *(t.profile_steps or (-1, -1)), log)
+    profiler = profile.Profile(t.out_dir, *(t.profile_steps or (-1, -1)), log, steps.train.as_text() if t.profile else "")
     loop_hooks = [
         hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps), every=(t.log_interval,)),
         hooks.Hook(evaluation, every=(t.eval_interval,)),

@@ -45,20 +45,20 @@ def load_checkpoint(out_dir, which="best"):
   return cfg, tokenizer_lib.from_meta(tokenizer_meta), params, step
 
 
-def _cli_env():
+def user_env():
   return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's machine: one CPU device
 
 
 def run_cli(*args, cwd=None):
   """Runs `gptjax ARGS` as a user would; returns the CompletedProcess."""
   return subprocess.run([sys.executable, "-m", "gptjax.cli", *map(str, args)], capture_output=True,
-                        text=True, cwd=cwd, env=_cli_env(), timeout=600)
+                        text=True, cwd=cwd, env=user_env(), timeout=600)
 
 
 def start_cli(*args) -> subprocess.Popen:
   """Starts `gptjax ARGS` as a user would, its stdout and stderr piped as text."""
   return subprocess.Popen([sys.executable, "-m", "gptjax.cli", *map(str, args)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=_cli_env())
+                          stderr=subprocess.PIPE, text=True, env=user_env())
 
 
 def one_line_error(result, *fragments):

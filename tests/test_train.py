@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 
 from gptjax import checkpoint
+from gptjax import optim
+from gptjax import profile
+from gptjax import sharding
+from gptjax import steps as steps_lib
 from gptjax import train
 
 from conftest import digest, load_checkpoint, one_line_error, run_cli, start_cli, tiny, tiny_config
@@ -47,14 +51,30 @@ def test_resume_continues_exactly(tmp_path, char_data):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_profile_traces_the_steps_asked_for(tmp_path, char_data, capsys):
+  cfg = tiny_config(tmp_path, f"data.dir={char_data}", "train.max_iters=6", "train.profile=2:4")
+  _, state = train.train(cfg, progress_bar=False, devices=jax.devices()[:1])
+  output = capsys.readouterr().out
+  assert "profile of steps 3-4 written to " + str(tmp_path / "out" / "profile") in output
+  assert re.search(r"most of the time: (forward|backward) \w+ \d+%", output)
+  (trace,) = profile.trace_files(tmp_path / "out" / "profile")
+  steps = steps_lib.compile_steps(cfg, optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim),
+                                  sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  table = profile.summarize(trace, profile.op_names(steps.train.as_text()), steps=2)
+  names = [name for name, _, _ in table]
+  assert {"forward dot_general", "backward dot_general"} <= set(names)
+  assert sum(share for _, _, share in table) == pytest.approx(1.0)
+
+
 def test_resume_may_change_how_the_blocks_run(tmp_path, char_data):
-  """Scanning and remat compute the same values: a run may resume with them changed."""
+  """Scanning, remat and the attention implementation compute the same values: a run may resume with them changed."""
   common = [f"data.dir={char_data}", "train.checkpoint_interval=4", "train.eval_interval=4"]
   straight, _ = train.train(tiny_config(tmp_path / "a", *common, "train.max_iters=8"),
                             progress_bar=False, devices=jax.devices()[:1])
   train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=4"), progress_bar=False, devices=jax.devices()[:1])
   resumed, _ = train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=8", "model.scan_layers=true",
-                                       "model.remat=save_dots"), resume=True, progress_bar=False, devices=jax.devices()[:1])
+                                       "model.remat=save_dots", "model.attention=xla"), resume=True,
+                           progress_bar=False, devices=jax.devices()[:1])
   assert resumed["step"] == 8
   assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
   assert load_checkpoint(tmp_path / "b" / "out", "latest")[0].model.scan_layers  # the run's config records it

@@ -1,0 +1,71 @@
+"""Each benchmark script runs on a tiny config and prints its table. No speed is asserted here:
+the figures live in benchmarks/RESULTS.md."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import user_env
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(name, *args):
+  result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)], cwd=ROOT,
+                          env=user_env(), capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def table_rows(output: str, first_cell: str) -> list[list[str]]:
+  """The cells of the markdown table rows whose first cell starts with `first_cell`."""
+  return [[c.strip() for c in line.strip("|").split("|")] for line in output.splitlines()
+          if line.startswith(f"| {first_cell}")]
+
+
+def test_vs_transformers_prints_train_and_sampling_tables():
+  output = run_benchmark("vs_transformers.py", "--tiny")
+  (train,) = table_rows(output, "GPT-2 2x32")
+  assert len(train) == 4 and float(train[1].replace(",", "")) > 0 and train[3].startswith("**")
+  assert [row[0] for row in table_rows(output, "batch ")] == ["batch 1", "batch 8"]
+  assert "first token of a 32-token prompt, batch 1: gptjax" in output
+
+
+def test_where_time_goes_prints_the_largest_operations():
+  output = run_benchmark("where_time_goes.py", "--tiny")
+  rows = table_rows(output, "")
+  assert rows[0][0] == "GPT-2 2x32, ctx 32, batch 4, vocab 77" and rows[-1][0].startswith("everything else")
+  assert any(row[0] == "backward dot_general" for row in rows)
+  assert sum(float(row[2].rstrip("%")) for row in rows[1:]) == pytest.approx(100, abs=len(rows))  # rounded shares
+
+
+def test_loss_parity_prints_both_implementations(char_data, tmp_path):
+  output = run_benchmark("loss_parity.py", f"data.dir={char_data}", "model.n_layer=1", "model.n_embd=32",
+                         "model.n_head=2", "model.block_size=16", "train.max_iters=4", "train.eval_iters=2",
+                         "train.eval_interval=4", "train.checkpoint_interval=4", "optim.warmup_iters=1",
+                         "optim.lr_decay_iters=4")
+  rows = table_rows(output, "gptjax") + table_rows(output, "transformers")
+  assert len(rows) == 2 and all(len(row) == 4 for row in rows)
+
+
+def test_checkpoint_cost_prints_its_table():
+  output = run_benchmark("checkpoint_cost.py", "--config", "shakespeare_char_cpu", "--rounds", 1)
+  assert [row[0] for row in table_rows(output, "")][1:] == ["checksums", "save (async, then waited for)",
+                                                            "restore and verify"]
+
+
+def test_model_sizes_prints_its_table():
+  output = run_benchmark("model_sizes.py", "--configs", "shakespeare_char_cpu")
+  assert len(table_rows(output, "`shakespeare_char_cpu`")) == 1
+
+
+@pytest.mark.slow  # the Linen baseline is taken from git history and every variant compiles in a process of its own
+def test_nnx_vs_linen_prints_its_tables():
+  if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "43e429b"], capture_output=True).returncode:
+    pytest.skip("this clone lacks the Linen commit 43e429b (a shallow clone)")
+  output = run_benchmark("nnx_vs_linen.py", "--tiny")
+  assert len(table_rows(output, "tiny (2x32, ctx 32, batch 12)")) == 1
+  assert len(table_rows(output, "tiny (2x32, ctx 32), batch 1")) == 1
+  assert len(table_rows(output, "2 layers")) == 1
