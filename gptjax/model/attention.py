@@ -116,14 +116,36 @@ def causal_attend(q_BTHK, k_BGTK, v_BGTK):
   return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
 
 
+@jax.custom_vjp
 def attend(q_BTHK, k_BGSK, v_BGSK, mask_TS):
   """Softmax attention as two einsums: queries [B, T, heads, head_dim] over keys and values
   [B, kv_heads, S, head_dim] where mask [T, S] allows -> [B, T, heads, head_dim]. Scores and
-  softmax in float32."""
+  softmax in float32. Its gradient is FlashAttention's: the softmax's row sums come from the
+  output and its gradient ([T, head_dim]), not from the [T, S] weights."""
+  return _attend_forward(q_BTHK, k_BGSK, v_BGSK, mask_TS)[0]
+
+
+def _attend_forward(q_BTHK, k_BGSK, v_BGSK, mask_TS):
   B, T, H, K = q_BTHK.shape
   G = k_BGSK.shape[1]
   q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)  # R: the query heads that share a key/value head
   scores_BGRTS = jnp.einsum("btgrk,bgsk->bgrts", q_BTGRK, k_BGSK, preferred_element_type=jnp.float32) / math.sqrt(K)
   weights_BGRTS = jax.nn.softmax(jnp.where(mask_TS, scores_BGRTS, -jnp.inf), axis=-1).astype(v_BGSK.dtype)
   y_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", weights_BGRTS, v_BGSK)
-  return y_BTGRK.reshape(B, T, H, K)
+  return y_BTGRK.reshape(B, T, H, K), (q_BTGRK, k_BGSK, v_BGSK, weights_BGRTS, y_BTGRK)
+
+
+def _attend_backward(saved, dy_BTHK):
+  q_BTGRK, k_BGSK, v_BGSK, weights_BGRTS, y_BTGRK = saved
+  dy_BTGRK = dy_BTHK.reshape(y_BTGRK.shape)
+  dv_BGSK = jnp.einsum("bgrts,btgrk->bgsk", weights_BGRTS, dy_BTGRK)
+  dweights_BGRTS = jnp.einsum("btgrk,bgsk->bgrts", dy_BTGRK, v_BGSK, preferred_element_type=jnp.float32)
+  rowsum_BGRT = jnp.einsum("btgrk,btgrk->bgrt", dy_BTGRK, y_BTGRK, preferred_element_type=jnp.float32)
+  dscores_BGRTS = (weights_BGRTS * (dweights_BGRTS - rowsum_BGRT[..., None]) / math.sqrt(q_BTGRK.shape[-1]))
+  dscores_BGRTS = dscores_BGRTS.astype(q_BTGRK.dtype)
+  dq_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", dscores_BGRTS, k_BGSK)
+  dk_BGSK = jnp.einsum("bgrts,btgrk->bgsk", dscores_BGRTS, q_BTGRK)
+  return dq_BTGRK.reshape(dy_BTHK.shape), dk_BGSK, dv_BGSK, None
+
+
+attend.defvjp(_attend_forward, _attend_backward)
