@@ -5,7 +5,8 @@
     gptjax sample --checkpoint out/big --prompt "Hello" mesh.fsdp=8     # parameters split over 8 devices
 
 The prompt runs through the model once to fill the cache; each new token then costs one
-single-position forward pass. Generation runs inside one compiled `lax.while_loop` and stops when
+single-position forward pass. The cache holds the prompt and the new tokens, not the whole
+context, and only the last position goes through the LM head. Generation runs inside one compiled `lax.while_loop` and stops when
 every sample has produced end-of-text. A model with learned positions sees at most `block_size`
 tokens: past that, generation restarts the cache from the last `block_size // 2` tokens.
 

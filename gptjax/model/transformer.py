@@ -10,6 +10,9 @@ loop over the same stacked arrays (faster steps on CPU); the layout, and so ever
 the same either way.
 
 The model owns its inference state: `init_cache` makes the key/value cache and `decode` extends it.
+Decoding loops over the blocks, each with its own cache arrays and, from `layer_params`, its own
+weights: in a generation loop, slicing the stacked arrays would copy every layer's weights (and
+reading a stacked cache every layer's cache) for each new token.
 """
 
 import jax
