@@ -41,6 +41,7 @@ def test_where_time_goes_prints_the_largest_operations():
   assert sum(float(row[2].rstrip("%")) for row in rows[1:]) == pytest.approx(100, abs=len(rows))  # rounded shares
 
 
+@pytest.mark.slow  # the suite's 15 minutes: run with -m ""
 def test_loss_parity_prints_both_implementations(char_data, tmp_path):
   output = run_benchmark("loss_parity.py", f"data.dir={char_data}", "model.n_layer=1", "model.n_embd=32",
                          "model.n_head=2", "model.block_size=16", "train.max_iters=4", "train.eval_iters=2",
@@ -50,12 +51,14 @@ def test_loss_parity_prints_both_implementations(char_data, tmp_path):
   assert len(rows) == 2 and all(len(row) == 4 for row in rows)
 
 
+@pytest.mark.slow  # the suite's 15 minutes: run with -m ""
 def test_checkpoint_cost_prints_its_table():
   output = run_benchmark("checkpoint_cost.py", "--config", "shakespeare_char_cpu", "--rounds", 1)
   assert [row[0] for row in table_rows(output, "")][1:] == ["checksums", "save (async, then waited for)",
                                                             "restore and verify"]
 
 
+@pytest.mark.slow  # the suite's 15 minutes: run with -m ""
 def test_model_sizes_prints_its_table():
   output = run_benchmark("model_sizes.py", "--configs", "shakespeare_char_cpu")
   assert len(table_rows(output, "`shakespeare_char_cpu`")) == 1

@@ -6,8 +6,10 @@ GPT-2's [embd, 3 * embd] and [embd, embd] matrices. With fewer key/value heads t
 (grouped-query attention, `model.n_kv_head`) the queries and the keys/values have projections of
 their own (q_attn [embd, heads, head_dim], kv_attn [embd, 2, kv_heads, head_dim]), and the cache
 holds only the key/value heads. Queries and keys are RMS-normalised per head (Qwen3) and rotated
-(rotary positions) where configured. Training attention is one `jax.nn.dot_product_attention`
-call, which can use cuDNN's fused kernel on GPUs. Generation attends over the cache, which keeps
+(rotary positions) where configured. Training attention (`model.attention`) is one
+`jax.nn.dot_product_attention` call on accelerators, which can use cuDNN's fused kernel on GPUs,
+and on CPU `causal_attend`: blocks of queries that skip the keys above the diagonal, with
+FlashAttention's gradient. Generation attends over the cache, which keeps
 each head's positions contiguous ([.., kv_heads, S, head_dim]) so that the two matmuls read it as
 it lies: in the layout of training's attention, XLA copied the whole cache of every layer into
 that layout for each new token (a third of the time per token on CPU).
