@@ -72,6 +72,9 @@ def hf_config(cfg: config_lib.ModelConfig) -> dict:
   if cfg.positions != "rope" or cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.bias:
     raise UserError("only a model with rotary positions, RMSNorm, SwiGLU and no biases (but q/k/v's) "
                     "exports as Llama or Qwen")
+  if cfg.qk_norm and cfg.qkv_bias:
+    raise UserError("model.qkv_bias=true with model.qk_norm=true exports as no family member: Qwen2 has the "
+                    "q/k/v biases without the norm, Qwen3 the norm without the biases")
   family = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
   architecture = {name: kind for kind, name in ARCHITECTURES.items()}[family]
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}

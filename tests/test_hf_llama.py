@@ -14,13 +14,16 @@ import tokenizers
 import torch
 import transformers
 
+from gptjax import config as config_lib
 from gptjax import convert
 from gptjax import data
 from gptjax import evaluate
+from gptjax import hf_llama
 from gptjax import metrics
 from gptjax import model as model_lib
 from gptjax import sample
 from gptjax import tokenizer as tokenizer_lib
+from gptjax.errors import UserError
 
 from conftest import (digest, gptjax_logits, hf_logits, load_checkpoint, one_line_error, run_cli,
                       transformers_sliding_window_nll)
@@ -150,6 +153,13 @@ def test_unsupported_family_members_are_refused_in_one_line(family, tmp_path):
   one_line_error(run_cli("convert", "import", tmp_path / "gelu", tmp_path / "out"),
                  "hidden_act='gelu' (gptjax's SwiGLU uses silu) is not supported")
   assert digest(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_a_model_of_no_family_member_is_not_exported():
+  cfg = config_lib.load_config("llama_shakespeare_cpu", ["model.qkv_bias=true", "model.qk_norm=true"]).model
+  with pytest.raises(UserError, match="exports as no family member: Qwen2 has the q/k/v biases without the norm"):
+    hf_llama.hf_config(cfg)
+  assert hf_llama.hf_config(dataclasses.replace(cfg, qkv_bias=False))["model_type"] == "qwen3"
 
 
 @pytest.mark.parametrize("family", ["llama"], indirect=True)  # the training path is the same for all
