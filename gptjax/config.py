@@ -251,7 +251,7 @@ def validate(cfg: Config) -> Config:
       (t.max_iters >= 0, f"train.max_iters={t.max_iters} is negative"),
       (t.peak_flops_per_device >= 0, f"train.peak_flops_per_device={t.peak_flops_per_device} is negative (0 looks it up)"),
       (t.checkpoint_minutes >= 0, f"train.checkpoint_minutes={t.checkpoint_minutes} is negative (0 turns it off)"),
-      (not t.profile or (re.fullmatch(r"\d+:\d+", t.profile) and int(t.profile.split(":")[0]) < int(t.profile.split(":")[1])),
+      (not t.profile or (re.fullmatch(r"\d+:\d+", t.profile) and t.profile_steps[0] < t.profile_steps[1]),
        f"train.profile={t.profile!r} is not START:END with 0 <= START < END (steps, e.g. 100:105)"),
       (o.learning_rate > 0 and 0 <= o.min_lr <= o.learning_rate,
        "optim.learning_rate must be positive and optim.min_lr in [0, learning_rate]"),

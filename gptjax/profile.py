@@ -1,12 +1,14 @@
 """Profiles of training steps: `train.profile=START:END` traces the steps after START up to END
 with `jax.profiler` into OUT_DIR/profile, which TensorBoard's profile plugin, XProf and Perfetto
-open; `summarize` reads such a trace back as a table of where the time went.
+open; `summarize` reads such a trace back as a table of where the time went, which is written
+beside it (summary.json: [operation, ms per step, share] rows, largest first).
 
     gptjax train shakespeare_char_cpu train.profile=100:105
     tensorboard --logdir out/shakespeare_char_cpu/profile     # with tensorboard-plugin-profile
 """
 
 import collections
+import json
 import os
 import pathlib
 import re
@@ -20,7 +22,7 @@ from gptjax.steps import TrainState
 class Profile:
   """A hook run after every step: starts the trace once step `start` is done, stops it after step
   `end` (waiting for that step), and logs where the trace is and the operations that took most of
-  its time (named from `compiled_text`, the train step's). `close` stops a trace that a loop
+  its time (named from `compiled_text`, the train step's; the whole table goes to summary.json). `close` stops a trace that a loop
   ending early left open."""
 
   def __init__(self, out_dir: str, start: int, end: int, log: Callable[[str], None], compiled_text: str):
@@ -39,6 +41,7 @@ class Profile:
       self.log(f"profile of steps {self.start + 1}-{self.end} written to {self.dir} "
                "(open it with TensorBoard's profile plugin, XProf or ui.perfetto.dev)")
       table = summarize(trace_files(self.dir)[-1], op_names(self.compiled_text), self.end - self.start)
+      pathlib.Path(self.dir, "summary.json").write_text(json.dumps(table))
       if table:  # named operations were found on the device's timelines
         self.log("most of the time: " + ", ".join(f"{name} {share:.0%}" for name, _, share in table[:5]))
 

@@ -6,8 +6,8 @@
 
 The prompt runs through the model once to fill the cache; each new token then costs one
 single-position forward pass. The cache holds the prompt and the new tokens, not the whole
-context, and only the last position goes through the LM head. Generation runs inside one compiled `lax.while_loop` and stops when
-every sample has produced end-of-text. A model with learned positions sees at most `block_size`
+context, and only the last position goes through the LM head. Generation runs inside one compiled
+`lax.while_loop` and stops when every sample has produced end-of-text. A model with learned positions sees at most `block_size`
 tokens: past that, generation restarts the cache from the last `block_size // 2` tokens.
 
 Parameters are placed on a device mesh by the same rules as in training (`mesh.*` overrides; by

@@ -38,7 +38,8 @@ def _with_architecture(cfg: config_lib.Config, model: config_lib.ModelConfig) ->
 
 
 def _how_computed_aside(model: config_lib.ModelConfig) -> config_lib.ModelConfig:
-  """What a resumed run must keep: remat and scanning may change, they compute the same values."""
+  """What a resumed run must keep: remat, scanning and the attention implementation may change, they
+  compute the same values."""
   return dataclasses.replace(model, remat="none", scan_layers=True, attention="auto")
 
 
