@@ -79,6 +79,18 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   dir: str = "data/shakespeare_char"  # written by `gptjax prepare`
+  mixture: str = ""  # DIR:WEIGHT,DIR:WEIGHT,...: each sequence from one of these prepared folders (replaces dir)
+  allow_data_change: bool = False  # let --resume continue on data other than the checkpoint's
+
+  @property
+  def mixture_weights(self) -> dict[str, float] | None:
+    """{folder: weight} of data.mixture, in its order; None when it is unset or malformed."""
+    parts = [part.rpartition(":") for part in self.mixture.split(",")] if self.mixture else []
+    try:
+      weights = {folder: float(weight) for folder, _, weight in parts if folder}
+    except ValueError:
+      return None
+    return weights if len(weights) == len(parts) and all(w > 0 for w in weights.values()) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +235,8 @@ def validate(cfg: Config) -> Config:
   """Checks that types alone cannot express."""
   m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.distributed
   checks = [
+      (not cfg.data.mixture or cfg.data.mixture_weights,
+       f"data.mixture={cfg.data.mixture!r} is not DIR:WEIGHT,DIR:WEIGHT,... with distinct folders and positive weights"),
       (min(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) > 0,
        "model.vocab_size, block_size, n_layer, n_head and n_embd must be positive"),
       (m.n_head <= 0 or m.head_dim or m.n_embd % m.n_head == 0,

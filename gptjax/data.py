@@ -1,143 +1,23 @@
-"""Data: prepare a corpus into token arrays once, then draw random training windows from them.
-
-`prepare` reads text (a file, a folder, a glob, the built-in Shakespeare, or a TFDS dataset read
-through `tfds.data_source`, which needs no TensorFlow), tokenizes it and writes
+"""Data: the token files that `gptjax prepare` wrote, and random training windows drawn from them.
 
     DIR/train.bin, DIR/val.bin   flat token ids (uint16, or uint32 for vocabularies over 65536)
-    DIR/meta.json                tokenizer, vocabulary size, dtype, token counts, source
+    DIR/meta.json                tokenizer, vocabulary size, dtype, counts, source, fingerprint
 
+A run reads one such folder (data.dir) or a weighted mixture of several (data.mixture).
 `TokenBatches` draws random windows. Batch i depends only on (seed, i), so the iterator's state is
-a step counter that the checkpoint stores: a resumed run continues the very same stream.
+a step counter that the checkpoint stores, with the data's fingerprint: a resumed run continues the
+very same stream, and refuses other data.
 """
 
-import glob
-import importlib.resources
+import dataclasses
+import hashlib
 import json
-import os
 import pathlib
 
 import numpy as np
 
-from gptjax import tokenizer as tokenizer_lib
+from gptjax import config as config_lib
 from gptjax.errors import UserError
-
-BUILTIN_SHAKESPEARE = "builtin:shakespeare"
-TFDS_PREFIX = "tfds:"
-
-
-def _text_files(source: str) -> list[pathlib.Path]:
-  path = pathlib.Path(source)
-  if path.is_file():
-    return [path]
-  if path.is_dir():
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-  else:
-    files = sorted(pathlib.Path(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p))
-  if not files:
-    raise UserError(f"no text found at {source!r}: not a file, a folder with files, or a matching glob")
-  return files
-
-
-def read_text(source: str) -> str:
-  """The text of a file, of a folder's files or of a glob's matches (sorted by name, concatenated)."""
-  if source == BUILTIN_SHAKESPEARE:
-    return (importlib.resources.files("gptjax") / "assets" / "shakespeare.txt").read_text(encoding="utf-8")
-  parts = []
-  for path in _text_files(source):
-    try:
-      parts.append(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-      raise UserError(f"{path} is not UTF-8 text") from None
-  return "".join(parts)
-
-
-def _tfds_documents(name: str, data_dir: str | None, text_key: str) -> dict[str, list[str]]:
-  """Each split of a TFDS dataset as a list of documents, read without TensorFlow."""
-  try:
-    import tensorflow_datasets as tfds
-  except ImportError:
-    raise UserError("TFDS input needs tensorflow-datasets: pip install 'gptjax[tfds]'") from None
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-    splits = list(builder.info.splits.keys())
-  except Exception as e:  # tfds raises many types for a missing or unbuilt dataset
-    raise UserError(f"cannot open TFDS dataset {name!r}: {str(e).splitlines()[0]}") from None
-  if not splits:
-    raise UserError(f"TFDS dataset {name!r} is not prepared in {data_dir or 'the default data dir'}")
-  documents = {}
-  for split in splits:
-    source = tfds.data_source(name, data_dir=data_dir, split=split)
-    if len(source) and text_key not in source[0]:
-      raise UserError(f"TFDS dataset {name!r} has no feature {text_key!r}; it has {sorted(source[0])}")
-    documents[split] = [_as_str(source[i][text_key]) for i in range(len(source))]
-  return documents
-
-
-def _as_str(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _encode_documents(tok: tokenizer_lib.Tokenizer, documents: list[str]) -> np.ndarray:
-  """Documents joined into one token stream, separated by end-of-text where the tokenizer has one."""
-  ids = []
-  for doc in documents:
-    ids.extend(tokenizer_lib.encode_sequence(tok, doc))
-    if tok.eot_id is not None:
-      ids.append(tok.eot_id)
-  return np.asarray(ids, dtype=np.int64)
-
-
-def prepare(source: str, tokenizer: str, out_dir: str, *, val_fraction: float = 0.1,
-            tfds_data_dir: str | None = None, text_key: str = "text", overwrite: bool = False) -> dict:
-  """Tokenizes `source` into `out_dir` and returns the written metadata."""
-  out = pathlib.Path(out_dir)
-  if (out / "meta.json").exists() and not overwrite:
-    raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it")
-  if tokenizer not in ("char", "gpt2") and not pathlib.Path(tokenizer).is_file():
-    raise UserError(f"unknown tokenizer {tokenizer!r}: choose char, gpt2 or a Hugging Face tokenizer.json file")
-  if not 0.0 < val_fraction < 1.0:
-    raise UserError(f"val_fraction={val_fraction} is not in (0, 1)")
-
-  if source.startswith(TFDS_PREFIX):
-    documents = _tfds_documents(source[len(TFDS_PREFIX):], tfds_data_dir, text_key)
-    train_docs = documents.get("train", [])
-    val_docs = documents.get("validation", documents.get("test", []))
-    all_text = "".join(train_docs + val_docs)
-  else:
-    all_text = read_text(source)
-    train_docs, val_docs = [all_text], []
-  if not all_text.strip():
-    raise UserError(f"{source!r} holds no text")
-
-  if tokenizer == "char":
-    tok = tokenizer_lib.CharTokenizer.from_text(all_text)
-  elif tokenizer == "gpt2":
-    tok = tokenizer_lib.GPT2Tokenizer()
-  else:
-    tok = tokenizer_lib.HFTokenizer.from_file(tokenizer)
-  train_ids = _encode_documents(tok, train_docs)
-  if val_docs:
-    val_ids = _encode_documents(tok, val_docs)
-  else:  # hold out the end of the stream, as nanoGPT does
-    n_val = int(len(train_ids) * val_fraction)
-    if n_val < 2 or len(train_ids) - n_val < 2:
-      raise UserError(f"{source!r} has only {len(train_ids)} tokens: too few to split off validation")
-    train_ids, val_ids = train_ids[:-n_val], train_ids[-n_val:]
-
-  dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-  meta = {
-      "tokenizer": tok.to_meta(), "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
-      "source": source, "tokens": {"train": int(len(train_ids)), "val": int(len(val_ids))},
-  }
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"cannot create {out}: {e.strerror}") from None
-  for split, ids in (("train", train_ids), ("val", val_ids)):  # write, then rename: never half-written
-    ids.astype(dtype).tofile(out / f"{split}.bin.tmp")
-    os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
-  (out / "meta.json").write_text(json.dumps(meta, indent=1))
-  return meta
 
 
 def load_meta(data_dir: str) -> dict:
@@ -165,6 +45,9 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
   if path.stat().st_size % np.dtype(meta["dtype"]).itemsize:
     raise UserError(f"{path} is not a whole number of {meta['dtype']} tokens (cut short?): prepare the data again")
   tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+  expected = meta.get("tokens", {}).get(split)
+  if expected is not None and len(tokens) != expected:
+    raise UserError(f"{path} holds {len(tokens):,} tokens, its meta.json says {expected:,}: prepare the data again")
   largest = int(tokens.max())  # one pass over the file; an id off the embedding table would train on garbage
   if largest >= meta["vocab_size"]:
     raise UserError(f"{path} holds token id {largest}, not below the vocabulary size {meta['vocab_size']} "
@@ -172,28 +55,72 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
   return tokens
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """The data a run reads: one prepared folder, or a weighted mixture of several with one tokenizer."""
+
+  meta: dict  # the (first) folder's: tokenizer and vocabulary
+  splits: dict[str, list[np.ndarray]]  # "train" and "val": one token array per folder
+  weights: tuple[float, ...]
+  fingerprint: str | None
+
+
+def load_prepared(cfg: config_lib.DataConfig) -> Prepared:
+  folders = cfg.mixture_weights or {cfg.dir: 1.0}
+  metas = {folder: load_meta(folder) for folder in folders}
+  first, meta = next(iter(metas.items()))
+  for folder, other in metas.items():
+    if other["tokenizer"] != meta["tokenizer"]:
+      raise UserError(f"data.mixture: {folder} was prepared with another tokenizer than {first}")
+  splits = {split: [load_tokens(folder, split) for folder in folders] for split in ("train", "val")}
+  fingerprints = [other.get("fingerprint") for other in metas.values()]
+  if len(folders) == 1 or None in fingerprints:
+    fingerprint = fingerprints[0] if len(folders) == 1 else None
+  else:
+    fingerprint = hashlib.blake2b(json.dumps([fingerprints, list(folders.values())]).encode(), digest_size=16).hexdigest()
+  total = sum(folders.values())
+  return Prepared(meta, splits, tuple(w / total for w in folders.values()), fingerprint)
+
+
 class TokenBatches:
   """Random windows of `block_size + 1` tokens, as (inputs, targets) of shape [accum, batch, block].
 
-  `batch_size` counts sequences over all processes; each process materialises only its own rows.
+  `tokens` is one token array, or several with `weights`: each sequence comes from one of them,
+  drawn with those weights. `batch_size` counts sequences over all processes; each process
+  materialises only its own rows.
   """
 
-  def __init__(self, tokens: np.ndarray, *, batch_size: int, block_size: int, accum_steps: int = 1,
-               seed: int = 0, step: int = 0, process_index: int = 0, process_count: int = 1, name: str = "data"):
-    if len(tokens) < block_size + 1:
-      raise UserError(f"the {name} split has {len(tokens)} tokens, fewer than one block of "
-                      f"{block_size} + 1: use more text or a smaller model.block_size")
+  def __init__(self, tokens: np.ndarray | list[np.ndarray], *, batch_size: int, block_size: int,
+               accum_steps: int = 1, seed: int = 0, step: int = 0, process_index: int = 0, process_count: int = 1,
+               weights: tuple[float, ...] = (1.0,), fingerprint: str | None = None, name: str = "data"):
+    self.sources = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
+    for source in self.sources:
+      if len(source) < block_size + 1:
+        raise UserError(f"the {name} split has {len(source)} tokens, fewer than one block of "
+                        f"{block_size} + 1: use more text or a smaller model.block_size")
     if batch_size % process_count:
       raise UserError(f"batch size {batch_size} is not divisible by {process_count} processes")
-    self.tokens, self.block_size, self.seed, self.step = tokens, block_size, seed, step
+    self.block_size, self.seed, self.step = block_size, seed, step
+    self.weights, self.fingerprint = np.asarray(weights, np.float64), fingerprint
     self.shape = (accum_steps, batch_size)
     local = batch_size // process_count
     self.rows = slice(process_index * local, (process_index + 1) * local)
 
   def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng((self.seed, step))
-    starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.shape)[:, self.rows]
-    windows = self.tokens[starts[..., None] + np.arange(self.block_size + 1)].astype(np.int32)
+    offsets = np.arange(self.block_size + 1)
+    if len(self.sources) == 1:
+      tokens = self.sources[0]
+      starts = rng.integers(0, len(tokens) - self.block_size, size=self.shape)[:, self.rows]
+      windows = tokens[starts[..., None] + offsets]
+    else:  # a source per sequence, then a place in it
+      which = rng.choice(len(self.sources), size=self.shape, p=self.weights)[:, self.rows]
+      place = rng.random(self.shape)[:, self.rows]
+      windows = np.empty(which.shape + offsets.shape, np.int64)
+      for k, tokens in enumerate(self.sources):
+        starts = (place[which == k] * (len(tokens) - self.block_size)).astype(np.int64)
+        windows[which == k] = tokens[starts[:, None] + offsets]
+    windows = windows.astype(np.int32)
     return windows[..., :-1], windows[..., 1:]  # [accum, local_batch, block] each
 
   def __iter__(self):
@@ -205,7 +132,13 @@ class TokenBatches:
     return batch
 
   def state(self) -> dict:
-    return {"seed": self.seed, "step": self.step}
+    return {"seed": self.seed, "step": self.step, "fingerprint": self.fingerprint}
 
-  def restore(self, state: dict) -> None:
+  def restore(self, state: dict, *, data_dir: str = "the data", allow_change: bool = False) -> None:
+    """Continues the stream of `state`, refusing data other than what it was drawn from."""
+    saved = state.get("fingerprint")
+    if saved and self.fingerprint and saved != self.fingerprint and not allow_change:
+      raise UserError(f"{data_dir} is not the data this run was trained on (fingerprint {self.fingerprint}, "
+                      f"the checkpoint's {saved}): prepare the same data, or pass data.allow_data_change=true "
+                      "to continue on this")
     self.seed, self.step = state["seed"], state["step"]

@@ -26,6 +26,7 @@ import optax
 from gptjax import checkpoint
 from gptjax import data
 from gptjax import model as model_lib
+from gptjax import sources
 from gptjax import sharding
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.config import ModelConfig
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
   cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(args.checkpoint, args.step, mesh)
   tok = tokenizer_lib.from_meta(tokenizer_meta)
   if args.text is not None:
-    tokens = np.asarray(tokenizer_lib.encode_sequence(tok, data.read_text(args.text)), np.int32)
+    tokens = np.asarray(tokenizer_lib.encode_sequence(tok, sources.read_text(args.text)), np.int32)
     what = args.text
   else:
     data_dir = args.data_dir or cfg.data.dir

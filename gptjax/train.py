@@ -96,7 +96,8 @@ def initial_state(cfg: config_lib.Config, steps: steps_lib.Steps, tx, manager, r
 
     intact, (params, opt_state, progress) = checkpoint.first_intact(manager, cfg.train.out_dir, "latest", load)
     checkpoint.set_aside(manager, cfg.train.out_dir, [s for s in manager.all_steps() if s > intact])
-    train_batches.restore(progress["data"])
+    train_batches.restore(progress["data"], data_dir=cfg.data.mixture or cfg.data.dir,
+                          allow_change=cfg.data.allow_data_change)
     return TrainState(jax.device_put(np.int32(progress["step"]), steps.shardings.step), params, opt_state)
   if source_step is not None:
     source = checkpoint.open_manager(cfg.train.init_from, create=False)
@@ -135,7 +136,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   `devices` (default: all) are the devices the mesh is built from.
   """
   sharding.initialize_distributed(cfg.distributed)
-  meta = data.load_meta(cfg.data.dir)
+  prepared = data.load_prepared(cfg.data)
+  meta = prepared.meta
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
   t = cfg.train
   mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -143,11 +145,11 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     raise UserError(f"train.batch_size={t.batch_size} is not divisible by data*fsdp={sharding.batch_shards(mesh)}")
   manager = checkpoint.open_manager(t.out_dir, keep=t.keep_checkpoints, create=False)
   cfg, resume_step, source_step = resolve_run(cfg, manager, resume, meta)
-  batch_args = dict(batch_size=t.batch_size, block_size=cfg.model.block_size,
+  batch_args = dict(batch_size=t.batch_size, block_size=cfg.model.block_size, weights=prepared.weights,
                     process_index=jax.process_index(), process_count=jax.process_count())
-  splits = {split: data.load_tokens(cfg.data.dir, split) for split in ("train", "val")}
+  splits = prepared.splits
   train_batches = data.TokenBatches(splits["train"], accum_steps=t.grad_accum_steps, seed=t.seed,
-                                    name="train", **batch_args)
+                                    fingerprint=prepared.fingerprint, name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
   tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
   checkpoint.create_dir(t.out_dir, _checkpoint_bytes(cfg.model, tx))  # once the run is known sound: bad input writes nothing

@@ -18,6 +18,8 @@ from gptjax import config as config_lib  # noqa: E402
 from gptjax import data  # noqa: E402
 from gptjax import model as model_lib  # noqa: E402
 from gptjax import tokenizer as tokenizer_lib  # noqa: E402
+from gptjax import sources  # noqa: E402
+from gptjax import prepare  # noqa: E402
 
 TINY_OVERRIDES = [
     "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
@@ -113,7 +115,7 @@ def transformers_sliding_window_nll(model, tokens, context, stride):
 def char_data(tmp_path_factory):
   """The built-in Shakespeare, prepared at character level."""
   path = tmp_path_factory.mktemp("char_data")
-  data.prepare(data.BUILTIN_SHAKESPEARE, "char", str(path))
+  prepare.prepare(sources.BUILTIN_SHAKESPEARE, "char", str(path))
   return path
 
 

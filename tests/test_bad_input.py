@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from gptjax import data
+from gptjax import prepare
+from gptjax import sources
 
 from conftest import digest, one_line_error, run_cli, tiny
 
@@ -30,6 +32,11 @@ CASES = {
     "prepare: bad --val-fraction": (["prepare", "--val-fraction", "1.5", "--out", "{new}"], "val_fraction=1.5 is not in (0, 1)"),
     "prepare: out is a file": (["prepare", "--out", "{inp}/a_file"], "cannot create", "a_file: File exists"),
     "prepare: out under /proc": (["prepare", "--out", "/proc/gptjax-data"], "cannot create /proc/gptjax-data"),
+    "prepare: JSON line without the text field": (["prepare", "--input", "{inp}/docs.jsonl", "--tokenizer", "gpt2",
+                                                   "--out", "{new}"], "docs.jsonl line 2 is not a JSON object with a 'text' field"),
+    "prepare: Parquet without the text column": (["prepare", "--input", "{inp}/docs.parquet", "--out", "{new}"],
+                                                 "has no column 'text' (--text-key); it has ['content']"),
+    "prepare: no workers": (["prepare", "--workers", "0", "--out", "{new}"], "--workers=0: at least 1"),
     "prepare: unknown tokenizer": (["prepare", "--tokenizer", "bpe", "--out", "{new}"],
                                    "unknown tokenizer 'bpe': choose char, gpt2 or a Hugging Face tokenizer.json file"),
     "prepare: a tokenizer.json that is not one": (["prepare", "--tokenizer", "{inp}/list.yaml", "--out", "{new}"],
@@ -82,6 +89,10 @@ CASES = {
     "out_dir under /proc": (train("data.dir={data}", "train.out_dir=/proc/gptjax-run"), "cannot create /proc/gptjax-run"),
     "no room for a checkpoint": (train("model.n_layer=200", "model.n_embd=16384", "model.n_head=128"),
                                  "MiB free, a checkpoint of this run needs about"),
+    "resume on other data": (["train", "shakespeare_char_cpu", *tiny("data.dir={inp}/resplit", "train.out_dir={run}"),
+                              "--resume"], "is not the data this run was trained on", "data.allow_data_change=true"),
+    "data.mixture malformed": (train("data.mixture={data}:heavy"), "data.mixture=", "is not DIR:WEIGHT,DIR:WEIGHT"),
+    "data.mixture of two tokenizers": (train("data.mixture={data}:1,{inp}/abc:1"), "was prepared with another tokenizer than"),
     "init_from nothing": (train("train.init_from={inp}/none"), "no checkpoint in"),
     "init_from another tokenizer": (train("data.dir={inp}/abc", "train.out_dir={new}", "train.init_from={run}"),
                                     "was prepared with another tokenizer (char, 4 characters)", "(char, 77 characters)"),
@@ -126,9 +137,14 @@ def inputs(tmp_path_factory, char_data):
   (d / "list.yaml").write_text("- model\n- train\n")
   (d / "number.yaml").write_text("3\n")
   (d / "short.txt").write_text("To be, or not to be, that is the question. " * 3)
-  data.prepare(str(d / "short.txt"), "char", str(d / "short"))
+  prepare.prepare(str(d / "short.txt"), "char", str(d / "short"))
   (d / "abc.txt").write_text("abc cab bac " * 400)
-  data.prepare(str(d / "abc.txt"), "char", str(d / "abc"))
+  prepare.prepare(str(d / "abc.txt"), "char", str(d / "abc"))
+  (d / "docs.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"content": ["one", "two"]}), d / "docs.parquet")
+  prepare.prepare(sources.BUILTIN_SHAKESPEARE, "char", str(d / "resplit"), val_fraction=0.2)  # the same text, other splits
   for name in ("meta_not_json", "meta_incomplete", "odd_bin", "big_ids"):
     shutil.copytree(char_data, d / name)
   (d / "meta_not_json" / "meta.json").write_text("{not json")

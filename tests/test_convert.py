@@ -25,6 +25,8 @@ from gptjax import sample
 from gptjax import steps
 from gptjax import tokenizer as tokenizer_lib
 from gptjax import train
+from gptjax import sources
+from gptjax import prepare
 
 from conftest import (digest, gptjax_logits, hf_logits, load_checkpoint, one_line_error, run_cli,
                       transformers_sliding_window_nll)
@@ -105,7 +107,7 @@ def test_greedy_generation_equals_transformers_generate(small):
 def test_perplexity_equals_transformers_sliding_window(small, tmp_path):
   model, _, imported = small
   cfg, tok, params, _ = load_checkpoint(imported)
-  text = data.read_text(data.BUILTIN_SHAKESPEARE)[:3000]
+  text = sources.read_text(sources.BUILTIN_SHAKESPEARE)[:3000]
   tokens = np.asarray(tok.encode(text))
   expected_nll, expected_count = transformers_sliding_window_nll(model, tokens, 64, 24)
   ours = evaluate.perplexity(cfg.model, params, tokens, stride=24)
@@ -173,7 +175,7 @@ def test_gpt2_tokenizer_ids_equal_hugging_face(tmp_path):
   hf_tokenizer = transformers.GPT2TokenizerFast.from_pretrained(tmp_path)
   ours = tokenizer_lib.GPT2Tokenizer()
   texts = [
-      data.read_text(data.BUILTIN_SHAKESPEARE)[:20000],
+      sources.read_text(sources.BUILTIN_SHAKESPEARE)[:20000],
       "Hello world!  It's 2026... naïve café, Ünïcödé, 日本語, emoji 🤖🎉, don't I'm we'll they've",
       "  leading spaces\n\n\ttabs\r\nwindows lines   trailing  ",
       "numbers 3.14159 1,000,000 0x1F $42 -7 +8 100%",
@@ -186,7 +188,7 @@ def test_gpt2_tokenizer_ids_equal_hugging_face(tmp_path):
 
 def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
   _, _, imported = small
-  data.prepare(data.BUILTIN_SHAKESPEARE, "gpt2", str(tmp_path / "data"))
+  prepare.prepare(sources.BUILTIN_SHAKESPEARE, "gpt2", str(tmp_path / "data"))
 
   def config(out_name, *extra):  # the shipped recipe, shortened, with a learning rate for a random model
     overrides = [

@@ -24,31 +24,6 @@ def test_gpt2_tokenizer_offline():
   assert tok.decode(tok.encode("Thou art more lovely, 1609!")) == "Thou art more lovely, 1609!"
 
 
-@pytest.mark.parametrize("kind", ["file", "folder", "glob"])
-def test_prepare_reads_file_folder_or_glob(tmp_path, kind):
-  (tmp_path / "texts").mkdir()
-  (tmp_path / "texts" / "a.txt").write_text("first file. " * 50)
-  (tmp_path / "texts" / "b.txt").write_text("second file! " * 50)
-  source = {"file": tmp_path / "texts" / "a.txt", "folder": tmp_path / "texts", "glob": tmp_path / "texts" / "*.txt"}[kind]
-  meta = data.prepare(str(source), "gpt2", str(tmp_path / "out"))
-  tokens = np.concatenate([data.load_tokens(str(tmp_path / "out"), s) for s in ("train", "val")])
-  text = tokenizer_lib.GPT2Tokenizer().decode(tokens)
-  assert text.startswith("first file.") and (("second file!" in text) == (kind != "file"))
-  assert meta["tokens"]["val"] == pytest.approx(0.1 * len(tokens), abs=1)
-
-
-def test_prepare_refuses_to_overwrite(tmp_path):
-  (tmp_path / "a.txt").write_text("some text here " * 20)
-  data.prepare(str(tmp_path / "a.txt"), "char", str(tmp_path / "out"))
-  before = (tmp_path / "out" / "train.bin").read_bytes()
-  (tmp_path / "b.txt").write_text("other words " * 20)
-  with pytest.raises(UserError, match="already holds prepared data"):
-    data.prepare(str(tmp_path / "b.txt"), "char", str(tmp_path / "out"))
-  assert (tmp_path / "out" / "train.bin").read_bytes() == before
-  data.prepare(str(tmp_path / "b.txt"), "char", str(tmp_path / "out"), overwrite=True)
-  assert (tmp_path / "out" / "train.bin").read_bytes() != before
-
-
 def test_batches_are_shifted_windows_and_resume_the_same_stream():
   tokens = np.arange(1000, dtype=np.uint16)
   batches = data.TokenBatches(tokens, batch_size=4, block_size=8, accum_steps=2, seed=3)
@@ -79,31 +54,44 @@ def test_text_shorter_than_one_block_is_an_error():
     data.TokenBatches(np.arange(10, dtype=np.uint16), batch_size=2, block_size=10)
 
 
-def test_tfds_dataset_from_a_local_builder(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
+def test_a_mixture_draws_each_source_by_its_weight_deterministically():
+  sources = [np.arange(0, 5000, dtype=np.uint16), np.arange(10000, 12000, dtype=np.uint16)]  # told apart by value
+  kwargs = dict(batch_size=16, block_size=8, accum_steps=2, seed=5, weights=(0.7, 0.3))
+  batches = data.TokenBatches(sources, **kwargs)
+  firsts = np.concatenate([batches.batch(step)[0][..., 0].ravel() for step in range(400)])  # 12,800 sequences
+  share = np.mean(firsts >= 10000)
+  assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / len(firsts))  # within sampling error
+  x, y = batches.batch(17)
+  np.testing.assert_array_equal(np.diff(x, axis=-1), 1)  # each window from one source, contiguous
+  np.testing.assert_array_equal(y, x + 1)
+  again = data.TokenBatches(sources, **kwargs).batch(17)[0]
+  np.testing.assert_array_equal(again, x)  # a function of (seed, step) alone
+  parts = [data.TokenBatches(sources, **kwargs, process_index=i, process_count=2).batch(17)[0] for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate(parts, axis=1), x)
 
-  class TinyPoems(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
 
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+def test_resuming_on_other_data_is_refused_unless_allowed():
+  tokens = np.arange(1000, dtype=np.uint16)
+  state = data.TokenBatches(tokens, batch_size=2, block_size=8, fingerprint="aaaa").state()
+  other = data.TokenBatches(tokens, batch_size=2, block_size=8, fingerprint="bbbb")
+  with pytest.raises(UserError, match="is not the data this run was trained on"):
+    other.restore(state, data_dir="data/x")
+  other.restore(state, allow_change=True)
+  assert other.step == state["step"]
+  data.TokenBatches(tokens, batch_size=2, block_size=8, fingerprint="aaaa").restore(state)
 
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples(0, 20), "test": self._generate_examples(20, 25)}
 
-    def _generate_examples(self, lo, hi):
-      for i in range(lo, hi):
-        yield i, {"text": f"Poem {i}: the quick brown fox jumps over the lazy dog."}
-
-  TinyPoems(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
-  meta = data.prepare("tfds:tiny_poems", "gpt2", str(tmp_path / "out"), tfds_data_dir=str(tmp_path / "tfds"))
-  tok = tokenizer_lib.GPT2Tokenizer()
-  train_tokens = data.load_tokens(str(tmp_path / "out"), "train")
-  val_tokens = data.load_tokens(str(tmp_path / "out"), "val")
-  assert (train_tokens == tok.eot_id).sum() == 20 and (val_tokens == tok.eot_id).sum() == 5  # documents
-  train_text = tok.decode(train_tokens)
-  assert "Poem 3: the quick brown fox" in train_text and "Poem 21" not in train_text
-  assert "Poem 21: the quick" in tok.decode(val_tokens)  # the test split became validation
-  assert meta["source"] == "tfds:tiny_poems"
-  with pytest.raises(UserError, match="no feature 'body'"):
-    data.prepare("tfds:tiny_poems", "gpt2", str(tmp_path / "out2"), tfds_data_dir=str(tmp_path / "tfds"), text_key="body")
+def test_load_prepared_mixes_folders_of_one_tokenizer(tmp_path):
+  from gptjax import config as config_lib
+  from gptjax import prepare
+  for name, text in (("a", "abc " * 300), ("b", "cab bca " * 300), ("c", "xyz " * 300)):
+    (tmp_path / f"{name}.txt").write_text(text)
+  for name in "abc":
+    prepare.prepare(str(tmp_path / f"{name}.txt"), "gpt2", str(tmp_path / name))
+  mixed = data.load_prepared(config_lib.DataConfig(mixture=f"{tmp_path / 'a'}:3,{tmp_path / 'b'}:1"))
+  assert mixed.weights == (0.75, 0.25) and len(mixed.splits["train"]) == 2
+  single = data.load_prepared(config_lib.DataConfig(dir=str(tmp_path / "a")))
+  assert single.fingerprint == data.load_meta(str(tmp_path / "a"))["fingerprint"] != mixed.fingerprint
+  prepare.prepare(str(tmp_path / "c.txt"), "char", str(tmp_path / "c_char"))
+  with pytest.raises(UserError, match="prepared with another tokenizer"):
+    data.load_prepared(config_lib.DataConfig(mixture=f"{tmp_path / 'a'}:1,{tmp_path / 'c_char'}:1"))

@@ -23,6 +23,8 @@ from gptjax import metrics
 from gptjax import model as model_lib
 from gptjax import sample
 from gptjax import tokenizer as tokenizer_lib
+from gptjax import sources
+from gptjax import prepare
 from gptjax.errors import UserError
 
 from conftest import (digest, gptjax_logits, hf_logits, load_checkpoint, one_line_error, run_cli,
@@ -51,7 +53,7 @@ def tokenizer_json(tmp_path_factory):
   tok.decoder = tokenizers.decoders.ByteLevel()
   trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
                                            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([data.read_text(data.BUILTIN_SHAKESPEARE)[:200_000]], trainer)
+  tok.train_from_iterator([sources.read_text(sources.BUILTIN_SHAKESPEARE)[:200_000]], trainer)
   return tok.to_str()
 
 
@@ -95,7 +97,7 @@ def test_greedy_generation_equals_transformers_generate(family):
 def test_perplexity_equals_transformers_sliding_window(family):
   _, model, _, imported = family
   cfg, tok, params, _ = load_checkpoint(imported)
-  tokens = np.asarray(tok.encode(data.read_text(data.BUILTIN_SHAKESPEARE)[:2000]))
+  tokens = np.asarray(tok.encode(sources.read_text(sources.BUILTIN_SHAKESPEARE)[:2000]))
   expected_nll, expected_count = transformers_sliding_window_nll(model, tokens, 64, 24)
   ours = evaluate.perplexity(cfg.model, params, tokens, stride=24)
   assert ours["tokens"] == expected_count and ours["nll"] == pytest.approx(expected_nll, rel=1e-4)
@@ -194,7 +196,7 @@ def test_a_tokenizer_whose_template_starts_sequences_with_bos(tokenizer_json, tm
   for text in TEXTS:
     assert tokenizer_lib.encode_sequence(ours, text) == reference(text)["input_ids"], text
   (tmp_path / "doc.txt").write_text("To be, or not to be: that is the question. " * 40)
-  data.prepare(str(tmp_path / "doc.txt"), str(tmp_path / "tokenizer.json"), str(tmp_path / "data"))
+  prepare.prepare(str(tmp_path / "doc.txt"), str(tmp_path / "tokenizer.json"), str(tmp_path / "data"))
   train_ids, val_ids = (data.load_tokens(str(tmp_path / "data"), split) for split in ("train", "val"))
   assert train_ids[0] == 0 and val_ids[-1] == 1
   assert tokenizer_lib.from_meta(ours.to_meta()).bos_id == 0
