@@ -15,7 +15,6 @@ Prints a markdown table.
 
 import argparse
 import json
-import os
 import pathlib
 import platform
 import shutil
@@ -55,12 +54,17 @@ def build_corpus(where: pathlib.Path, size: int, formats: list[str], texts: str 
   import pyarrow as pa
   import pyarrow.parquet as pq
   import zstandard
-  rng = np.random.default_rng(0)
-  docs, inputs, written = _documents(texts, rng), {}, 0
-  where.mkdir(parents=True, exist_ok=True)
   writers = {kind: (where / kind) for kind in formats}
+  inputs = {"text": str(writers.get("text")), "jsonl.zst": f"{writers.get('jsonl.zst')}/*.jsonl.zst",
+            "parquet": f"{writers.get('parquet')}/*.parquet"}
+  if all((folder / ".complete").exists() for folder in writers.values()):  # built by an earlier run
+    return {kind: inputs[kind] for kind in formats}
+  rng = np.random.default_rng(0)
+  docs, written = _documents(texts, rng), 0
+  where.mkdir(parents=True, exist_ok=True)
   for folder in writers.values():
-    folder.mkdir(exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
   shard, shard_bytes, n_shard, text_file, n_text = [], 0, 0, [], 0
 
   def flush_shard():
@@ -91,8 +95,8 @@ def build_corpus(where: pathlib.Path, size: int, formats: list[str], texts: str 
     flush_shard()
   if text_file and "text" in formats:
     (writers["text"] / f"{n_text:06d}.txt").write_text("".join(text_file))
-  inputs = {"text": str(writers.get("text")), "jsonl.zst": f"{writers.get('jsonl.zst')}/*.jsonl.zst",
-            "parquet": f"{writers.get('parquet')}/*.parquet"}
+  for folder in writers.values():
+    (folder / ".complete").touch()
   return {kind: inputs[kind] for kind in formats}
 
 
@@ -126,8 +130,9 @@ def run_prepare(source: str, out: pathlib.Path, workers: int) -> dict:
   return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "peak_rss": peak}
 
 
-def raw_speed(source: str, limit_bytes: int) -> dict:
-  """encode_ordinary, one thread, in a fresh process, on the first `limit_bytes` of the documents."""
+def raw_speed(source: str, limit_bytes: int, threads: int = 0) -> dict:
+  """encode_ordinary, one thread (or tiktoken's encode_ordinary_batch on `threads`), in a fresh
+  process, on the first `limit_bytes` of the documents."""
   code = f"""
 import json, time, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -138,7 +143,10 @@ for records in sources.open_source({source!r}).read():
     texts.append(text); size += len(text.encode())
   if size >= {limit_bytes}: break
 start = time.perf_counter()
-tokens = sum(len(enc.encode_ordinary(t)) for t in texts)
+if {threads}:
+  tokens = sum(map(len, enc.encode_ordinary_batch(texts, num_threads={threads})))
+else:
+  tokens = sum(len(enc.encode_ordinary(t)) for t in texts)
 seconds = time.perf_counter() - start
 print(json.dumps({{"tokens_per_s": tokens / seconds, "mb_per_s": size / 1e6 / seconds}}))
 """
@@ -171,8 +179,11 @@ def main() -> None:
       for workers in ([1, cores] if size_gb <= args.one_worker_up_to_gb else [cores]):
         rows.append((kind, workers, run_prepare(source, work / "out", workers)))
     limits.append(raw_speed(first, min(int(size_gb * 1e9), 100 << 20)))  # before and after: the machine drifts
+    threads = raw_speed(first, min(int(size_gb * 1e9), 100 << 20), threads=cores)
     limit = statistics.median(r["tokens_per_s"] for r in limits)
     print(f"| {size_gb:g} GB | encode_ordinary, 1 thread | - | - | - | {limit:,.0f} | 1.00 | - | - |")
+    print(f"| {size_gb:g} GB | encode_ordinary_batch, {cores} threads | - | - | - | {threads['tokens_per_s']:,.0f} | "
+          f"{threads['tokens_per_s'] / limit:.2f} | {threads['tokens_per_s'] / (limit * cores):.2f} | - |")
     for kind, workers, r in rows:
       print(f"| {size_gb:g} GB | {kind} | {workers} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
             f"{r['tokens_per_s'] / limit:.2f} | {r['tokens_per_s'] / (limit * workers):.2f} | "

@@ -77,7 +77,8 @@ def load_prepared(cfg: config_lib.DataConfig) -> Prepared:
   if len(folders) == 1 or None in fingerprints:
     fingerprint = fingerprints[0] if len(folders) == 1 else None
   else:
-    fingerprint = hashlib.blake2b(json.dumps([fingerprints, list(folders.values())]).encode(), digest_size=16).hexdigest()
+    both = json.dumps([fingerprints, list(folders.values())]).encode()
+    fingerprint = hashlib.blake2b(both, digest_size=16).hexdigest()
   total = sum(folders.values())
   return Prepared(meta, splits, tuple(w / total for w in folders.values()), fingerprint)
 

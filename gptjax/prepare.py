@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import time
 
@@ -56,14 +57,18 @@ _worker = {}
 
 
 def _start_worker(tokenizer_meta: dict, val_fraction: float | None, dtype: str) -> None:
+  if multiprocessing.parent_process() is not None:  # Ctrl-C is the main process's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
   _worker.update(tok=tokenizer_lib.from_meta(tokenizer_meta), val_fraction=val_fraction, dtype=dtype)
 
 
 def _encode(task: list[tuple[sources.Records, int]]) -> dict:
   """Tokens of a task's documents by split, with what the main process counts."""
   tok, val_fraction = _worker["tok"], _worker["val_fraction"]
-  ids = {"train": [], "val": []}
+  ids, lengths = {"train": [], "val": []}, {"train": 0, "val": 0}
   documents, text_bytes, last_train_start = {"train": 0, "val": 0}, 0, -1
+  bos = np.asarray([tok.bos_id] if tok.bos_id is not None else [], np.int64)
+  eot = np.asarray([tok.eot_id] if tok.eot_id is not None else [], np.int64)
   for records, first_document in task:
     for i, text in enumerate(records.texts()):
       first, last = records.piece or (True, True)
@@ -73,13 +78,14 @@ def _encode(task: list[tuple[sources.Records, int]]) -> dict:
       if first and last and not text.strip():
         continue  # an empty document
       if first and split == "train":
-        last_train_start = len(ids["train"])
-      ids[split].extend(tokenizer_lib.encode_sequence(tok, text) if first else tok.encode(text))
-      if last and tok.eot_id is not None:
-        ids[split].append(tok.eot_id)
+        last_train_start = lengths["train"]
+      parts = [bos] * first + [tok.encode_array(text)] + [eot] * last
+      ids[split] += parts
+      lengths[split] += sum(map(len, parts))
       documents[split] += int(first)
       text_bytes += len(text.encode("utf-8"))
-  return {"ids": {split: np.asarray(v, dtype=_worker["dtype"]) for split, v in ids.items()},
+  return {"ids": {split: np.concatenate(v or [bos[:0]], dtype=_worker["dtype"], casting="unsafe")
+                  for split, v in ids.items()},
           "documents": documents, "bytes": text_bytes, "last_train_start": last_train_start,
           "reach": task[-1][0].reach}
 
@@ -90,7 +96,7 @@ def _tasks(source: sources.Source):
   for records in source.read():
     task.append((records, document))
     document += records.documents if records.piece is None else int(records.piece[1])
-    size += sum(map(len, records.items))
+    size += records.chars
     if size >= TASK_CHARS:
       yield task
       task, size = [], 0
@@ -260,9 +266,11 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default="data/shakespeare_char", help="output folder (data.dir in configs)")
   parser.add_argument("--val-fraction", type=float, default=0.1,
                       help="share of documents held out for validation (unless the source has a validation split)")
-  parser.add_argument("--text-key", default="text", help="the field or column holding the text (JSON, Parquet, hf:, tfds:)")
+  parser.add_argument("--text-key", default="text",
+                      help="the field or column holding the text (JSON, Parquet, hf:, tfds:)")
   parser.add_argument("--tfds-data-dir", default=None, help="where TFDS datasets are prepared")
-  parser.add_argument("--workers", type=int, default=default_workers(), help="tokenizing processes (default: every core)")
+  parser.add_argument("--workers", type=int, default=default_workers(),
+                      help="tokenizing processes (default: every core)")
   parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)

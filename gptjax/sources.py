@@ -36,7 +36,7 @@ _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 class Records:
   """Documents from one place. `piece` is (first, last) when `items` is one piece of a document."""
 
-  items: list  # str documents (or pieces), or bytes lines of JSON
+  items: list  # str documents (or pieces), bytes lines of JSON, or a pyarrow string array
   json_key: str | None = None  # the field holding the text, when items are JSON lines
   where: str = ""  # file name, for errors
   first_line: int = 1  # of a JSON batch, for errors
@@ -49,8 +49,15 @@ class Records:
     """How many documents begin here (a piece begins one if it is a document's first)."""
     return len(self.items) if self.piece is None else int(self.piece[0])
 
+  @property
+  def chars(self) -> int:
+    """About how much text: characters, or bytes of JSON or Arrow data."""
+    return sum(map(len, self.items)) if isinstance(self.items, list) else self.items.nbytes
+
   def texts(self) -> list[str]:
-    """The items as text; blank JSON lines give empty documents."""
+    """The items as text; blank JSON lines and null values give empty documents."""
+    if not isinstance(self.items, list):  # Arrow: made into Python strings by the worker, not the reader
+      return [text or "" for text in self.items.to_pylist()]
     if self.json_key is None:
       return self.items
     return [_json_text(line, self.json_key, self.where, self.first_line + i) for i, line in enumerate(self.items)]
@@ -190,8 +197,8 @@ def _json_lines(path: pathlib.Path, text_key: str) -> Iterator[Records]:
 def _parquet_rows(path: pathlib.Path, text_key: str) -> Iterator[Records]:
   import pyarrow as pa
   import pyarrow.parquet as pq
-  try:
-    parquet = pq.ParquetFile(path)
+  try:  # column chunks read in buffered pieces: memory is bounded by a row group's decoded text
+    parquet = pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)
   except (pa.ArrowException, OSError) as e:
     raise UserError(f"cannot read {path} as Parquet: {e}") from None
   schema = parquet.schema_arrow
@@ -200,10 +207,9 @@ def _parquet_rows(path: pathlib.Path, text_key: str) -> Iterator[Records]:
   if not (pa.types.is_string(schema.field(text_key).type) or pa.types.is_large_string(schema.field(text_key).type)):
     raise UserError(f"{path}: column {text_key!r} is {schema.field(text_key).type}, not text")
   rows, size = 0, path.stat().st_size
-  for batch in parquet.iter_batches(batch_size=1024, columns=[text_key]):
+  for batch in parquet.iter_batches(batch_size=256, columns=[text_key], use_threads=False):
     rows += batch.num_rows
-    texts = [text or "" for text in batch.column(0).to_pylist()]
-    yield Records(texts, where=str(path), reach=size * rows // max(parquet.metadata.num_rows, 1))
+    yield Records(batch.column(0), where=str(path), reach=size * rows // max(parquet.metadata.num_rows, 1))
 
 
 def _split_names(names) -> dict[str, str]:

@@ -15,7 +15,6 @@ import pytest  # noqa: E402
 
 from gptjax import checkpoint  # noqa: E402
 from gptjax import config as config_lib  # noqa: E402
-from gptjax import data  # noqa: E402
 from gptjax import model as model_lib  # noqa: E402
 from gptjax import tokenizer as tokenizer_lib  # noqa: E402
 from gptjax import sources  # noqa: E402

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 
-from gptjax import data
 from gptjax import prepare
 from gptjax import sources
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from gptjax import prepare
+
 from conftest import user_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -33,6 +35,18 @@ def test_vs_transformers_prints_train_and_sampling_tables():
   assert "first token of a 32-token prompt, batch 1: gptjax" in output
 
 
+def test_prepare_speed_prints_workers_against_the_tokenizer_limit():
+  output = run_benchmark("prepare_speed.py", "--tiny")
+  rows = table_rows(output, "0.003 GB")
+  assert rows[0][1] == "encode_ordinary, 1 thread" and float(rows[0][5].replace(",", "")) > 0
+  cores = str(prepare.default_workers())
+  assert rows[1][1] == f"encode_ordinary_batch, {cores} threads"
+  assert [(row[1], row[2]) for row in rows[2:]] == [(kind, workers) for kind in ("text", "jsonl.zst", "parquet")
+                                                    for workers in ("1", cores)]
+  assert all(row[8].endswith("MiB") for row in rows[2:])
+
+
+@pytest.mark.slow  # 11 s; vs_transformers covers the benchmarks' tiny runs in the default suite
 def test_where_time_goes_prints_the_largest_operations():
   output = run_benchmark("where_time_goes.py", "--tiny")
   rows = table_rows(output, "")

@@ -186,6 +186,7 @@ def test_gpt2_tokenizer_ids_equal_hugging_face(tmp_path):
     assert ours.decode(ours.encode(text)) == text
 
 
+@pytest.mark.slow  # 37 s; test_hf_llama fine-tunes an import and resumes in the default run
 def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
   _, _, imported = small
   prepare.prepare(sources.BUILTIN_SHAKESPEARE, "gpt2", str(tmp_path / "data"))

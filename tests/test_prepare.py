@@ -77,16 +77,36 @@ def _write_format(docs: list[str], kind: str, where: pathlib.Path) -> str:
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(where / "ds"))
     return f"hf:{where / 'ds'}"
+  if kind == "tfds":
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class Documents(tfds.core.GeneratorBasedBuilder):
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+                                     disable_shuffling=True)  # the documents in their order
+
+      def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+      def _generate_examples(self):
+        for i, doc in enumerate(docs):
+          yield i, {"text": doc}
+
+    Documents(data_dir=str(where), file_format="array_record").download_and_prepare()
+    return "tfds:documents"
   raise ValueError(kind)
 
 
 @pytest.mark.parametrize("kind,workers", [("text", 1), ("jsonl", 2), ("jsonl.gz", 1), ("jsonl.zst", 1),
-                                          ("parquet", 2), ("hf", 1)])
+                                          ("parquet", 2), ("hf", 1), ("tfds", 1)])
 def test_every_format_gives_the_same_tokens(tmp_path, monkeypatch, kind, workers):
   monkeypatch.setattr(prepare, "TASK_CHARS", 20_000)  # many tasks, so that order across workers matters
   monkeypatch.setattr(sources, "PIECE_CHARS", 30_000)
   docs = _documents()
-  meta = prepare.prepare(_write_format(docs, kind, tmp_path / "in"), "gpt2", str(tmp_path / "out"), workers=workers)
+  meta = prepare.prepare(_write_format(docs, kind, tmp_path / "in"), "gpt2", str(tmp_path / "out"), workers=workers,
+                         tfds_data_dir=str(tmp_path / "in"))
   expected = _expected(docs)
   for split in ("train", "val"):
     assert data.load_tokens(str(tmp_path / "out"), split).tolist() == expected[split]

@@ -75,7 +75,8 @@ def one_device_run(tmp_path_factory, char_data):
                      devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)], ids=str)
+@pytest.mark.parametrize("mesh", [(8, 1, 1), pytest.param((1, 8, 1), marks=pytest.mark.slow), (2, 2, 2),
+                                  pytest.param((1, 1, 8), marks=pytest.mark.slow)], ids=str)  # (2,2,2) has all three axes
 def test_mesh_shapes_match_one_device(tmp_path, char_data, one_device_run, mesh, capsys):
   result, state = train.train(tiny_config(tmp_path, f"data.dir={char_data}", *SHORT_RUN, *_mesh_overrides(mesh)),
                               progress_bar=False)
@@ -208,7 +209,8 @@ def _in_process(capsys, *args):
   return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("mesh", [["mesh.fsdp=8"], ["mesh.tensor=2", "mesh.data=4"]], ids=" ".join)
+@pytest.mark.parametrize("mesh", [["mesh.fsdp=8"], pytest.param(["mesh.tensor=2", "mesh.data=4"], marks=pytest.mark.slow)],
+                         ids=" ".join)
 def test_sample_and_perplexity_on_a_mesh_match_one_device(tiny_run, capsys, mesh):
   out_dir, _ = tiny_run
   for sample_args in (["--temperature", "0"], ["--temperature", "0.8", "--seed", "5"]):

@@ -62,6 +62,7 @@ def test_profile_traces_the_steps_asked_for(tmp_path, char_data, capsys):
   assert f"most of the time: {table[0][0]} {table[0][2]:.0%}" in output  # the log line is the table's head
 
 
+@pytest.mark.slow  # 23 s; resume across meshes and exact resume stay in the default run
 def test_resume_may_change_how_the_blocks_run(tmp_path, char_data):
   """Scanning, remat and the attention implementation compute the same values: a run may resume with them changed."""
   common = [f"data.dir={char_data}", "train.checkpoint_interval=4", "train.eval_interval=4"]
@@ -168,7 +169,7 @@ def test_a_second_trainer_on_the_same_run_is_refused_and_a_stale_lock_is_not(tmp
   assert load_checkpoint(tmp_path, "latest")[3] == stopped_at + 2
 
 
-@pytest.mark.parametrize("log, save", [(1, 1), (10, 1), (2, 3)])
+@pytest.mark.parametrize("log, save", [(1, 1), (10, 1), pytest.param(2, 3, marks=pytest.mark.slow)])
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, char_data, log, save):
   """A learning rate of 1e9 makes the loss NaN from step 3 on: those updates are skipped, the run
   stops after train.max_bad_steps of them, and every checkpoint holds finite parameters."""
