@@ -71,7 +71,7 @@ class GPT2Tokenizer:
     return self._encoding.encode_ordinary(text)
 
   def encode_array(self, text: str) -> np.ndarray:
-    """`encode` as an array, made without a Python list (a quarter faster): no text is special."""
+    """`encode` as an array, made without a Python list of ints: no text is special."""
     return self._encoding.encode_to_numpy(text, disallowed_special=())
 
   def decode(self, ids) -> str:
