@@ -8,6 +8,7 @@ checks keys and types against the dataclasses.
 
 import dataclasses
 import importlib.resources
+import math
 import pathlib
 import re
 
@@ -90,7 +91,7 @@ class DataConfig:
       weights = {folder: float(weight) for folder, _, weight in parts if folder}
     except ValueError:
       return None
-    return weights if len(weights) == len(parts) and all(w > 0 for w in weights.values()) else None
+    return weights if len(weights) == len(parts) and all(0 < w < math.inf for w in weights.values()) else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,8 +77,8 @@ def load_prepared(cfg: config_lib.DataConfig) -> Prepared:
   if len(folders) == 1 or None in fingerprints:
     fingerprint = fingerprints[0] if len(folders) == 1 else None
   else:
-    both = json.dumps([fingerprints, list(folders.values())]).encode()
-    fingerprint = hashlib.blake2b(both, digest_size=16).hexdigest()
+    weights = [w / sum(folders.values()) for w in folders.values()]
+    fingerprint = hashlib.blake2b(json.dumps([fingerprints, weights]).encode(), digest_size=16).hexdigest()
   total = sum(folders.values())
   return Prepared(meta, splits, tuple(w / total for w in folders.values()), fingerprint)
 
@@ -137,8 +137,8 @@ class TokenBatches:
 
   def restore(self, state: dict, *, data_dir: str = "the data", allow_change: bool = False) -> None:
     """Continues the stream of `state`, refusing data other than what it was drawn from."""
-    saved = state.get("fingerprint")
-    if saved and self.fingerprint and saved != self.fingerprint and not allow_change:
+    saved = state.get("fingerprint")  # None: saved before fingerprints, or data prepared before them
+    if saved and saved != self.fingerprint and not allow_change:
       raise UserError(f"{data_dir} is not the data this run was trained on (fingerprint {self.fingerprint}, "
                       f"the checkpoint's {saved}): prepare the same data, or pass data.allow_data_change=true "
                       "to continue on this")

@@ -10,11 +10,12 @@
 Writes OUT/train.bin and OUT/val.bin (flat token ids, uint16, or uint32 for vocabularies over
 65536) and OUT/meta.json (tokenizer, counts, source, and a fingerprint of the tokens that training
 checks on --resume). Documents end with the tokenizer's end-of-text. Validation is the source's own
-split where it has one; otherwise whole documents chosen by a hash of their index (--val-fraction),
-or, when none was chosen, the last document; a corpus of one document (one text file, the built-in
-one) holds out the end of its tokens, as nanoGPT does. Workers tokenize batches of documents in
-parallel and the main process writes their tokens in order, to temporary files renamed when complete:
-memory stays bounded whatever the corpus size, and an interrupted prepare leaves no meta.json.
+split where it has one; otherwise whole documents chosen by a hash of their index (--val-fraction);
+when none was chosen, the last document if it is at most twice that share, else (and for a
+corpus of one document: one text file, the built-in one) the end of the tokens, as nanoGPT does.
+Workers tokenize batches of documents in parallel and the main process writes their tokens in
+order, to temporary files renamed when complete: memory stays bounded whatever the corpus size,
+and an interrupted prepare leaves no meta.json.
 """
 
 import argparse
@@ -73,8 +74,7 @@ def _encode(task: list[tuple[sources.Records, int]]) -> dict:
     for i, text in enumerate(records.texts()):
       first, last = records.piece or (True, True)
       document = first_document + i
-      split = records.split if val_fraction is None or records.split == "val" else \
-          ("val" if is_val(document, val_fraction) else "train")
+      split = records.split if val_fraction is None else ("val" if is_val(document, val_fraction) else "train")
       if first and last and not text.strip():
         continue  # an empty document
       if first and split == "train":
@@ -95,7 +95,7 @@ def _tasks(source: sources.Source):
   task, size, document = [], 0, 0
   for records in source.read():
     task.append((records, document))
-    document += records.documents if records.piece is None else int(records.piece[1])
+    document += records.documents
     size += records.chars
     if size >= TASK_CHARS:
       yield task
@@ -164,17 +164,22 @@ def _move_tail(out: pathlib.Path, cut: int, itemsize: int) -> None:
 
 
 def _hold_out(out: pathlib.Path, counts: dict, last_start: int, val_fraction: float, itemsize: int, name: str) -> str:
-  """When no document went to validation: the last one does, or the end of a lone document's tokens."""
+  """When no document went to validation: the last one does, unless it is more than twice the
+  share asked for; then (and for a lone document) the end of the tokens."""
   n, docs = counts["tokens"]["train"], counts["documents"]["train"]
-  if docs >= 2:
+  whole = docs >= 2 and n - last_start <= 2 * val_fraction * n
+  if whole:
     cut, how = last_start, "the last document"
   else:
-    cut, how = n - int(n * val_fraction), f"the last {val_fraction:.0%} of the only document's tokens"
+    cut = n - int(n * val_fraction)
+    how = f"the last {val_fraction:.0%} of the " + \
+        ("tokens (too few documents to hold out whole ones)" if docs >= 2 else "only document's tokens")
     if n - cut < 2 or cut < 2:
       raise UserError(f"{name!r} has only {n} tokens: too few to split off validation")
   _move_tail(out, cut, itemsize)
   counts["tokens"] = {"train": cut, "val": n - cut}
-  counts["documents"] = {"train": docs - 1, "val": 1} if docs >= 2 else {"train": 1, "val": 0}
+  if whole:
+    counts["documents"] = {"train": docs - 1, "val": 1}
   return how
 
 

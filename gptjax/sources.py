@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pathlib
+import zlib
 from collections.abc import Iterator
 
 from gptjax.errors import UserError
@@ -46,8 +47,11 @@ class Records:
 
   @property
   def documents(self) -> int:
-    """How many documents begin here (a piece begins one if it is a document's first)."""
-    return len(self.items) if self.piece is None else int(self.piece[0])
+    """How many documents end here (a piece ends one if it is a document's last): the next
+    records' first document is this one's plus this."""
+    if self.piece is not None:
+      return int(self.piece[1])
+    return self.items.count(b"\n") if isinstance(self.items, bytes) else len(self.items)
 
   @property
   def chars(self) -> int:
@@ -101,7 +105,8 @@ def _files(source: str) -> list[pathlib.Path]:
   if path.is_file():
     return [path]
   if path.is_dir():
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in path.rglob("*")  # hidden files and folders (.git) are not text
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
   else:
     files = sorted(pathlib.Path(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p))
   if not files:
@@ -144,9 +149,20 @@ def _files_source(name: str, files: list[pathlib.Path], text_key: str) -> Source
   return Source(name, sum(sizes), "B", False, read)
 
 
+def _open(path: pathlib.Path):
+  try:
+    return open(path, "rb")
+  except OSError as e:
+    raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _text_pieces(path: pathlib.Path, text_key: str) -> Iterator[Records]:
   decoder = codecs.getincrementaldecoder("utf-8")()
-  with open(path, "rb") as f:
+  with _open(path) as f:
     buffer, first = "", True
     while block := f.read(PIECE_CHARS):
       try:
@@ -173,11 +189,11 @@ def _cut(text: str, at: int) -> int:
 
 
 def _json_lines(path: pathlib.Path, text_key: str) -> Iterator[Records]:
-  with open(path, "rb") as raw:
+  import zstandard
+  with _open(path) as raw:
     if path.suffix == ".gz":
       stream = gzip.GzipFile(fileobj=raw)
     elif path.suffix == ".zst":
-      import zstandard
       stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
     else:
       stream = raw
@@ -189,8 +205,8 @@ def _json_lines(path: pathlib.Path, text_key: str) -> Iterator[Records]:
         if size >= PIECE_CHARS:
           yield Records(lines, text_key, str(path), first_line, reach=raw.tell())
           lines, size, first_line = [], 0, number + 1
-    except (OSError, EOFError) as e:  # gzip and zstd report corrupt or truncated input so
-      raise UserError(f"cannot read {path}: {e}") from None
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:  # corrupt or truncated input
+      raise UserError(f"cannot read {path}: {_first_line(e)}") from None
     yield Records(lines, text_key, str(path), first_line, reach=raw.tell())
 
 
@@ -200,14 +216,23 @@ def _parquet_rows(path: pathlib.Path, text_key: str) -> Iterator[Records]:
   try:  # column chunks read in buffered pieces: memory is bounded by a row group's decoded text
     parquet = pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)
   except (pa.ArrowException, OSError) as e:
-    raise UserError(f"cannot read {path} as Parquet: {e}") from None
+    raise UserError(f"cannot read {path} as Parquet: {_first_line(e)}") from None
   schema = parquet.schema_arrow
   if text_key not in schema.names:
     raise UserError(f"{path} has no column {text_key!r} (--text-key); it has {schema.names}")
-  if not (pa.types.is_string(schema.field(text_key).type) or pa.types.is_large_string(schema.field(text_key).type)):
+  kind = schema.field(text_key).type
+  kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
     raise UserError(f"{path}: column {text_key!r} is {schema.field(text_key).type}, not text")
   rows, size = 0, path.stat().st_size
-  for batch in parquet.iter_batches(batch_size=256, columns=[text_key], use_threads=False):
+  batches = parquet.iter_batches(batch_size=256, columns=[text_key], use_threads=False)
+  while True:
+    try:
+      batch = next(batches, None)
+    except (pa.ArrowException, OSError) as e:
+      raise UserError(f"cannot read {path} as Parquet: {_first_line(e)}") from None
+    if batch is None:
+      return
     rows += batch.num_rows
     yield Records(batch.column(0), where=str(path), reach=size * rows // max(parquet.metadata.num_rows, 1))
 
@@ -227,11 +252,12 @@ def _hf_source(source: str, text_key: str) -> Source:
   except ImportError:
     raise UserError("hf: input needs the datasets library: pip install 'gptjax[hf]'") from None
   name = source[len("hf:"):]
+  folder = pathlib.Path(name).expanduser()  # the shell leaves hf:~/... as it is
   try:
-    loaded = datasets.load_from_disk(name) if pathlib.Path(name).is_dir() else datasets.load_dataset(name)
+    loaded = datasets.load_from_disk(str(folder)) if folder.is_dir() else datasets.load_dataset(name)
   except Exception as e:  # datasets raises many types for a missing, unbuilt or uncached dataset
     raise UserError(f"cannot open Hugging Face dataset {name!r} (on disk or in the local cache): "
-                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                    f"{_first_line(e)}") from None
   splits = {"train": loaded} if isinstance(loaded, datasets.Dataset) else \
       {ours: loaded[theirs] for ours, theirs in _split_names(list(loaded)).items()}
   if "train" not in splits:
@@ -240,6 +266,8 @@ def _hf_source(source: str, text_key: str) -> Source:
     if text_key not in dataset.column_names:
       raise UserError(f"Hugging Face dataset {name!r} has no column {text_key!r} (--text-key); "
                       f"it has {dataset.column_names}")
+    if getattr(dataset.features[text_key], "dtype", None) not in ("string", "large_string"):
+      raise UserError(f"Hugging Face dataset {name!r}: column {text_key!r} is {dataset.features[text_key]}, not text")
 
   def read() -> Iterator[Records]:
     done = 0
@@ -259,12 +287,14 @@ def _tfds_source(source: str, text_key: str, data_dir: str | None) -> Source:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     names = list(builder.info.splits.keys())
-  except Exception as e:  # tfds raises many types for a missing or unbuilt dataset
-    raise UserError(f"cannot open TFDS dataset {name!r}: {str(e).splitlines()[0]}") from None
-  if not names:
-    raise UserError(f"TFDS dataset {name!r} is not prepared in {data_dir or 'the default data dir'}")
-  splits = {ours: tfds.data_source(name, data_dir=data_dir, split=theirs)
-            for ours, theirs in _split_names(names).items()}
+    if not names:
+      raise UserError(f"TFDS dataset {name!r} is not prepared in {data_dir or 'the default data dir'}")
+    splits = {ours: tfds.data_source(name, data_dir=data_dir, split=theirs)
+              for ours, theirs in _split_names(names).items()}
+  except UserError:
+    raise
+  except Exception as e:  # tfds raises many types for a missing, unbuilt or tfrecord-only dataset
+    raise UserError(f"cannot open TFDS dataset {name!r}: {_first_line(e)}") from None
   if "train" not in splits:
     raise UserError(f"TFDS dataset {name!r} has no train split; it has {names}")
   for data in splits.values():

@@ -79,7 +79,7 @@ def resolve_run(cfg: config_lib.Config, manager, resume: bool, meta: dict) -> tu
   if t.init_from:
     source_cfg, source_tokenizer, source_step = checkpoint.read_run_config(t.init_from)
     if source_tokenizer != meta["tokenizer"]:
-      raise UserError(f"{cfg.data.dir} was prepared with another tokenizer ({_describe(meta['tokenizer'])}) "
+      raise UserError(f"{cfg.data.mixture or cfg.data.dir} was prepared with another tokenizer ({_describe(meta['tokenizer'])}) "
                       f"than {t.init_from} uses ({_describe(source_tokenizer)})")
     return _with_architecture(cfg, source_cfg.model), None, source_step
   return cfg, None, None

@@ -142,10 +142,15 @@ def test_validation_takes_whole_documents(tmp_path):
   tok = tokenizer_lib.GPT2Tokenizer()
   val = tok.decode(data.load_tokens(str(tmp_path / "out"), "val")).split("<|endoftext|>")[:-1]
   assert set(val) <= set(docs) and 0.2 < len(val) / len(docs) < 0.3
-  # too few documents for the hash to choose any: the last one is held out, whole
-  meta = prepare.prepare(_write_format(docs[:2], "text", tmp_path / "few"), "gpt2", str(tmp_path / "out2"))
-  assert meta["validation"] == "the last document" and meta["documents"] == {"train": 1, "val": 1}
-  assert tok.decode(data.load_tokens(str(tmp_path / "out2"), "val")) == docs[1] + "<|endoftext|>"
+  # too few documents for the hash to choose any: the last one is held out, whole, if it is small enough
+  few = [docs[0] * 5, docs[1] * 5, docs[2]]
+  meta = prepare.prepare(_write_format(few, "text", tmp_path / "few"), "gpt2", str(tmp_path / "out2"))
+  assert meta["validation"] == "the last document" and meta["documents"] == {"train": 2, "val": 1}
+  assert tok.decode(data.load_tokens(str(tmp_path / "out2"), "val")) == few[2] + "<|endoftext|>"
+  # ... and the end of the tokens if the last document is more than twice the share asked for
+  meta = prepare.prepare(_write_format(few[:2], "text", tmp_path / "two"), "gpt2", str(tmp_path / "out3"))
+  assert meta["validation"] == "the last 10% of the tokens (too few documents to hold out whole ones)"
+  assert meta["tokens"]["val"] == int(0.1 * (meta["tokens"]["train"] + meta["tokens"]["val"]))
 
 
 def test_the_source_validation_split_is_used(tmp_path):
@@ -198,10 +203,7 @@ def test_prepare_reads_file_folder_or_glob(tmp_path, kind):
   tokens = np.concatenate([data.load_tokens(str(tmp_path / "out"), s) for s in ("train", "val")])
   text = tokenizer_lib.GPT2Tokenizer().decode(tokens)
   assert text.startswith("first file.") and (("second file!" in text) == (kind != "file"))
-  if kind == "file":  # one document: its last 10% of tokens
-    assert meta["tokens"]["val"] == pytest.approx(0.1 * len(tokens), abs=1)
-  else:  # two: the second, whole
-    assert text.endswith("second file! <|endoftext|>") and meta["documents"] == {"train": 1, "val": 1}
+  assert meta["tokens"]["val"] == pytest.approx(0.1 * len(tokens), abs=1)  # one or two documents: the end
 
 
 def test_prepare_refuses_to_overwrite(tmp_path):
@@ -237,3 +239,21 @@ def test_a_killed_prepare_leaves_nothing_train_accepts_and_can_start_again(tmp_p
   assert "prepared" in finished.stdout and not partial.exists()
   meta = data.load_meta(str(tmp_path / "out"))
   assert meta["documents"]["train"] + meta["documents"]["val"] == 12
+
+
+@pytest.mark.parametrize("name,content", [("bad.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 1000)[:40] + b"junk" * 50),
+                                          ("bad.jsonl.zst", b"not zstd at all" * 10)])
+def test_a_corrupt_compressed_file_is_a_one_line_error(tmp_path, name, content):
+  (tmp_path / name).write_bytes(content)
+  with pytest.raises(UserError, match=f"cannot read {tmp_path / name}: "):
+    prepare.prepare(str(tmp_path / name), "gpt2", str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_leaves_out_hidden_files_and_folders(tmp_path):
+  (tmp_path / "in" / ".git").mkdir(parents=True)
+  (tmp_path / "in" / ".git" / "config").write_text("[core] not a play")
+  (tmp_path / "in" / ".notes").write_text("private")
+  (tmp_path / "in" / "play.txt").write_text("To be, or not to be. " * 20)
+  prepare.prepare(str(tmp_path / "in"), "char", str(tmp_path / "out"))
+  assert set(data.load_meta(str(tmp_path / "out"))["tokenizer"]["chars"]) == set("To be, or not to be. ")
