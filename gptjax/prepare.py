@@ -145,7 +145,7 @@ class _Progress:
   def update(self, reach: int, documents: int, tokens: int, text_bytes: int) -> None:
     mb_per_s = text_bytes / 1e6 / max(time.monotonic() - self.start, 1e-9)
     self.bar.update(reach - self.bar.n)
-    self.bar.set_postfix_str(f"{documents:,} docs, {tokens:,} tokens, {mb_per_s:.1f} MB/s", refresh=False)
+    self.bar.set_postfix_str(f"{documents:,} docs, {tokens:,} tokens, {mb_per_s:.1f} MB/s of text", refresh=False)
     if self.log_lines and time.monotonic() - self.last_line >= 60:
       self.last_line = time.monotonic()
       print(f"prepare: {reach / max(self.bar.total, 1):.0%}, {documents:,} documents, {tokens:,} tokens, "
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
   meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, text_key=args.text_key,
                  tfds_data_dir=args.tfds_data_dir, workers=args.workers, overwrite=args.overwrite,
                  progress=not args.no_progress)
-  tokens, documents = meta["tokens"], meta["documents"]
-  print(f"prepared {args.out}: {tokens['train']:,} train and {tokens['val']:,} val tokens "
-        f"({documents['train']:,} and {documents['val']:,} documents; validation: {meta['validation']}), "
+  tokens, documents = meta["tokens"], sum(meta["documents"].values())
+  print(f"prepared {args.out}: {tokens['train']:,} train and {tokens['val']:,} val tokens from "
+        f"{documents:,} document{'s' * (documents != 1)} (validation: {meta['validation']}), "
         f"{args.tokenizer} vocabulary of {meta['vocab_size']}, in {time.monotonic() - started:.1f} s")
