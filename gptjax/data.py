@@ -73,14 +73,13 @@ def load_prepared(cfg: config_lib.DataConfig) -> Prepared:
     if other["tokenizer"] != meta["tokenizer"]:
       raise UserError(f"data.mixture: {folder} was prepared with another tokenizer than {first}")
   splits = {split: [load_tokens(folder, split) for folder in folders] for split in ("train", "val")}
+  weights = tuple(w / sum(folders.values()) for w in folders.values())
   fingerprints = [other.get("fingerprint") for other in metas.values()]
   if len(folders) == 1 or None in fingerprints:
     fingerprint = fingerprints[0] if len(folders) == 1 else None
   else:
-    weights = [w / sum(folders.values()) for w in folders.values()]
     fingerprint = hashlib.blake2b(json.dumps([fingerprints, weights]).encode(), digest_size=16).hexdigest()
-  total = sum(folders.values())
-  return Prepared(meta, splits, tuple(w / total for w in folders.values()), fingerprint)
+  return Prepared(meta, splits, weights, fingerprint)
 
 
 class TokenBatches:
@@ -110,7 +109,7 @@ class TokenBatches:
   def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng((self.seed, step))
     offsets = np.arange(self.block_size + 1)
-    if len(self.sources) == 1:
+    if len(self.sources) == 1:  # the draw of a single folder is unchanged: older runs resume exactly
       tokens = self.sources[0]
       starts = rng.integers(0, len(tokens) - self.block_size, size=self.shape)[:, self.rows]
       windows = tokens[starts[..., None] + offsets]

@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import zlib
+from collections.abc import Callable
 from collections.abc import Iterator
 
 from gptjax.errors import UserError
@@ -49,9 +50,7 @@ class Records:
   def documents(self) -> int:
     """How many documents end here (a piece ends one if it is a document's last): the next
     records' first document is this one's plus this."""
-    if self.piece is not None:
-      return int(self.piece[1])
-    return self.items.count(b"\n") if isinstance(self.items, bytes) else len(self.items)
+    return len(self.items) if self.piece is None else int(self.piece[1])
 
   @property
   def chars(self) -> int:
@@ -86,7 +85,7 @@ class Source:
   total: int  # in `unit`
   unit: str  # "B" (bytes of files) or "doc"
   has_val: bool  # whether the source brings its own validation split
-  read: "callable"  # () -> Iterator[Records]
+  read: Callable[[], Iterator[Records]]
 
 
 def open_source(source: str, *, text_key: str = "text", tfds_data_dir: str | None = None) -> Source:
@@ -162,21 +161,22 @@ def _first_line(e: Exception) -> str:
 
 def _text_pieces(path: pathlib.Path, text_key: str) -> Iterator[Records]:
   decoder = codecs.getincrementaldecoder("utf-8")()
+
+  def decode(block: bytes, final: bool = False) -> str:
+    try:
+      return decoder.decode(block, final)
+    except UnicodeDecodeError:
+      raise UserError(f"{path} is not UTF-8 text") from None
+
   with _open(path) as f:
     buffer, first = "", True
     while block := f.read(PIECE_CHARS):
-      try:
-        buffer += decoder.decode(block)
-      except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
+      buffer += decode(block)
       while len(buffer) >= 2 * PIECE_CHARS:
         cut = _cut(buffer, PIECE_CHARS)
         yield Records([buffer[:cut]], where=str(path), piece=(first, False), reach=f.tell())
         buffer, first = buffer[cut:], False
-    try:
-      buffer += decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-      raise UserError(f"{path} is not UTF-8 text") from None
+    buffer += decode(b"", final=True)
     yield Records([buffer], where=str(path), piece=(first, True), reach=f.tell())
 
 
