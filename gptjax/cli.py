@@ -1,4 +1,4 @@
-"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert} ...
+"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert,explain,attention,plot} ...
 
 Bad input (a `UserError`) is printed as one line, `gptjax: error: ...`, with exit status 2.
 """
@@ -19,6 +19,9 @@ COMMANDS = {
     "sample": "gptjax.sample",
     "perplexity": "gptjax.evaluate",
     "convert": "gptjax.convert",
+    "explain": "gptjax.explain",
+    "attention": "gptjax.attention_maps",
+    "plot": "gptjax.plots",
 }
 
 

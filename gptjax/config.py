@@ -143,6 +143,10 @@ class TrainConfig:
   seed: int = 1337
   peak_flops_per_device: float = 0.0  # for MFU; 0 looks the device up in a table
   profile: str = ""  # START:END: a jax.profiler trace of the steps after START up to END, in out_dir/profile
+  tensorboard: bool = True  # TensorBoard event files in out_dir/tensorboard
+  wandb_project: str = ""  # also log to this Weights & Biases project (the wandb extra); empty: off
+  sample_tokens: int = 200  # at each evaluation, a sample this long goes to TensorBoard / W&B; 0: none
+  sample_prompt: str = "\n"  # ... continuing this text
 
   @property
   def profile_steps(self) -> tuple[int, int] | None:
@@ -266,6 +270,7 @@ def validate(cfg: Config) -> Config:
       (t.max_iters >= 0, f"train.max_iters={t.max_iters} is negative"),
       (t.peak_flops_per_device >= 0, f"train.peak_flops_per_device={t.peak_flops_per_device} is negative (0 looks it up)"),
       (t.checkpoint_minutes >= 0, f"train.checkpoint_minutes={t.checkpoint_minutes} is negative (0 turns it off)"),
+      (t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} is negative (0 turns it off)"),
       (not t.profile or (re.fullmatch(r"\d+:\d+", t.profile) and t.profile_steps[0] < t.profile_steps[1]),
        f"train.profile={t.profile!r} is not START:END with 0 <= START < END (steps, e.g. 100:105)"),
       (o.learning_rate > 0 and 0 <= o.min_lr <= o.learning_rate,

@@ -30,6 +30,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 from flax import traverse_util
+from tqdm import tqdm
 
 from gptjax import checkpoint
 from gptjax import config as config_lib
@@ -172,11 +173,14 @@ def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, np.ndarray]:
   else:
     raise UserError(f"{hf_dir} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
   tensors = {}
-  for path in files:
-    try:
-      tensors.update(safetensors.numpy.load_file(path))
-    except (safetensors.SafetensorError, OSError) as e:
-      raise UserError(f"cannot read {path}: {str(e).splitlines()[0]} (truncated or not safetensors?)") from None
+  with tqdm(total=sum(p.stat().st_size for p in files if p.is_file()), unit="B", unit_scale=True, desc="read",
+            dynamic_ncols=True, disable=None) as bar:  # None: only on a terminal
+    for path in files:
+      try:
+        tensors.update(safetensors.numpy.load_file(path))
+      except (safetensors.SafetensorError, OSError) as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]} (truncated or not safetensors?)") from None
+      bar.update(path.stat().st_size)
   return tensors
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from gptjax import checkpoint
 from gptjax import data
@@ -55,11 +56,12 @@ def _window_nll(params, inputs, targets, weights, *, cfg: ModelConfig):
 
 
 def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, batch_size: int = 8,
-               mesh: jax.sharding.Mesh | None = None) -> dict:
+               mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> dict:
   """{"tokens": scored token count, "nll": mean NLL in nats, "perplexity": exp(nll)}.
 
   With a `mesh` (that `params` are placed on), each batch of windows is split over its batch
   axes; `batch_size` is rounded up to a multiple of them (the extra windows weigh nothing).
+  `progress`: a bar of the windows done, on a terminal.
   """
   block = cfg.block_size
   if batch_size < 1:
@@ -73,6 +75,7 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
   shards = sharding.batch_shards(mesh)
   batch_size = -(-batch_size // shards) * shards
   total_nll, total_count = 0.0, 0
+  bar = tqdm(total=len(windows), unit="window", desc="perplexity", dynamic_ncols=True, disable=None if progress else True)
   for first in range(0, len(windows), batch_size):  # fixed [batch_size, block] shapes: one compile
     inputs = np.zeros((batch_size, block), np.int32)
     targets = np.zeros((batch_size, block), np.int32)
@@ -84,6 +87,8 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
     total_count += int(weights.sum())
     with sharding.on_mesh(mesh):
       total_nll += float(_window_nll(params, *sharding.put_rows((inputs, targets, weights), mesh), cfg=cfg))
+    bar.update(len(windows[first:first + batch_size]))
+  bar.close()
   nll = total_nll / total_count
   return {"tokens": total_count, "nll": nll, "perplexity": math.exp(nll)}
 
@@ -115,6 +120,7 @@ def main(argv=None) -> None:
     tokens = data.load_tokens(data_dir, args.split)
     what = f"{data_dir} {args.split}"
   stride = cfg.model.block_size // 2 if args.stride is None else args.stride
-  result = perplexity(cfg.model, params, tokens, stride=stride, batch_size=args.batch_size, mesh=mesh)
+  result = perplexity(cfg.model, params, tokens, stride=stride, batch_size=args.batch_size, mesh=mesh,
+                      progress=True)
   print(f"{what} (checkpoint step {step}, context {cfg.model.block_size}, stride {stride}): "
         f"{result['tokens']:,} tokens, mean NLL {result['nll']:.4f} nats, perplexity {result['perplexity']:.3f}")

@@ -18,6 +18,10 @@ from jax.experimental import multihost_utils
 from gptjax import checkpoint
 from gptjax import data
 from gptjax import metrics as metrics_lib
+from gptjax import plots
+from gptjax import record
+from gptjax import sample
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.config import Config
 from gptjax.errors import UserError
 from gptjax.steps import TrainState
@@ -40,18 +44,28 @@ def run(hooks: list[Hook], step: int, last_step: int, state: TrainState, step_me
 
 class LogMetrics:
   """A line with loss, learning rate, gradient norm, tokens/s, MFU and any skipped non-finite
-  steps (waits for the step); stops the run after `max_bad_steps` consecutive ones."""
+  steps (waits for the step), and those values with memory in use in the run's record; stops the
+  run after `max_bad_steps` consecutive ones."""
 
-  def __init__(self, log: Callable[[str], None], throughput: metrics_lib.Throughput, bar, max_bad_steps: int):
+  def __init__(self, log: Callable[[str], None], throughput: metrics_lib.Throughput, bar, max_bad_steps: int,
+               run_record: record.Record | None):
     self.log, self.throughput, self.bar, self.max_bad_steps = log, throughput, bar, max_bad_steps
+    self.record = run_record
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
     values = jax.device_get(step_metrics)  # waits for the step: the timing below is honest
     tokens_per_s, mfu = self.throughput.measure(step)
     skipped = f", skipped {values['skipped']} non-finite steps so far" if values["skipped"] else ""
     self.log(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, grad norm "
-             f"{values['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, MFU {mfu}{skipped}")
+             f"{values['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, MFU "
+             f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}{skipped}")
     self.bar.set_postfix(loss=f"{values['loss']:.4f}")
+    if self.record is not None:
+      self.record.write("train", step, {
+          "loss": float(values["loss"]), "lr": float(values["lr"]), "grad_norm": float(values["grad_norm"]),
+          "tokens_per_s": tokens_per_s, **({} if mfu is None else {"mfu": mfu}),
+          "skipped_steps": int(values["skipped"])})
+      self.record.write("memory", step, metrics_lib.memory_in_use())
     if values["bad_steps"] >= self.max_bad_steps:
       raise UserError(f"the loss or gradients were not finite for {values['bad_steps']} steps in a row, from step "
                       f"{step - values['bad_steps'] + 1} (train.max_bad_steps={self.max_bad_steps}); their updates "
@@ -62,14 +76,44 @@ class Evaluate:
   """The mean loss of `eval_iters` fixed batches of each split; `latest` keeps the last result."""
 
   def __init__(self, estimate: Callable[[dict], dict], log: Callable[[str], None],
-               throughput: metrics_lib.Throughput):
-    self.estimate, self.log, self.throughput = estimate, log, throughput
+               throughput: metrics_lib.Throughput, run_record: record.Record | None):
+    self.estimate, self.log, self.throughput, self.record = estimate, log, throughput, run_record
     self.latest: dict = {}
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict | None = None) -> None:
     self.latest = {"step": step, **self.estimate(state.params)}
     self.log(f"step {step}: train loss {self.latest['train_loss']:.4f}, val loss {self.latest['val_loss']:.4f}")
+    if self.record is not None:
+      self.record.write("eval", step, {"train_loss": self.latest["train_loss"], "val_loss": self.latest["val_loss"]})
     self.throughput.reset(step)
+
+
+class SampleText:
+  """A sample from the model as it is (`sample_tokens` long, continuing `prompt_ids`), in the record."""
+
+  def __init__(self, cfg: Config, tok, mesh, run_record: record.Record, throughput: metrics_lib.Throughput):
+    self.cfg, self.tok, self.mesh, self.record, self.throughput = cfg, tok, mesh, run_record, throughput
+    self.prompt_ids = tokenizer_lib.encode_sequence(tok, cfg.train.sample_prompt) or \
+        ([tok.eot_id] if tok.eot_id is not None else [])
+    if not self.prompt_ids:
+      raise UserError("train.sample_prompt is empty and the tokenizer has no end-of-text to start from: give it text")
+
+  def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
+    tokens = sample.generate(self.cfg.model, state.params, np.asarray([self.prompt_ids], np.int32),
+                             max_new_tokens=self.cfg.train.sample_tokens, rng=jax.random.key(self.cfg.train.seed + step),
+                             temperature=0.8, eot_id=self.tok.eot_id, mesh=self.mesh)[0]
+    self.record.text(step, "sample", self.cfg.train.sample_prompt + self.tok.decode(list(tokens)))
+    self.throughput.reset(step)
+
+
+class PlotLoss:
+  """OUT_DIR/loss.png, redrawn from the record."""
+
+  def __init__(self, run_record: record.Record, out_dir: str):
+    self.record, self.path, self.title = run_record, os.path.join(out_dir, "loss.png"), f"loss of {out_dir}"
+
+  def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
+    plots.draw({self.title: self.record.rows}, self.path, self.title)
 
 
 class SaveCheckpoint:

@@ -1,5 +1,6 @@
 """What training reports about itself: throughput, MFU, memory per device and the KV cache's size."""
 
+import resource
 import time
 
 import jax
@@ -36,13 +37,22 @@ class Throughput:
     """Start counting afresh: what ran since (evaluation, saving) is not training throughput."""
     self.since_time, self.since_step = time.perf_counter(), step
 
-  def measure(self, step: int) -> tuple[float, str]:
-    """(tokens/s, MFU as text) since the last call; the caller has waited for `step` to finish."""
+  def measure(self, step: int) -> tuple[float, float | None]:
+    """(tokens/s, MFU as a fraction; None without a known peak) since the last call; the caller
+    has waited for `step` to finish."""
     now = time.perf_counter()
     steps_per_s = (step - self.since_step) / (now - self.since_time)
     self.since_time, self.since_step = now, step
-    mfu = f"{100 * self.flops_per_step * steps_per_s / self.peak:.1f}%" if self.peak else "n/a"
-    return self.tokens_per_step * steps_per_s, mfu
+    return self.tokens_per_step * steps_per_s, self.flops_per_step * steps_per_s / self.peak if self.peak else None
+
+
+def memory_in_use() -> dict[str, float]:
+  """MiB: the first local device's memory in use and its peak (where the backend reports them:
+  GPUs and TPUs), and this process's peak resident memory."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  sizes = {"device_in_use_mib": stats.get("bytes_in_use"), "device_peak_mib": stats.get("peak_bytes_in_use"),
+           "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+  return {name: size / 2**20 for name, size in sizes.items() if size is not None}
 
 
 def memory_per_device(abstract, shardings, compiled_step) -> dict[str, int]:

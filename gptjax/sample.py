@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from gptjax import checkpoint
 from gptjax import model as model_lib
@@ -81,17 +82,19 @@ def _generate_chunk(params, context, finished, rng, *, cfg: ModelConfig, n_new: 
 
 def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: int, rng: jax.Array,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eot_id: int | None = None, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+             eot_id: int | None = None, mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> np.ndarray:
   """prompt: int [B, P] -> generated tokens [B, <= max_new_tokens] (end-of-text stops a sample).
 
   With a `mesh` (that `params` are placed on), the samples are split over its batch axes; rows
-  are padded to a multiple of them and the padding dropped.
+  are padded to a multiple of them and the padding dropped. `progress`: a bar of the tokens made,
+  on a terminal, that moves once per compiled chunk (one context's worth of new tokens).
   """
   n_samples = len(prompt)
   sequences = sharding.pad_rows(np.asarray(prompt, np.int32)[:, -(cfg.block_size - 1):], mesh)
   produced = []
   remaining = max_new_tokens
   done = np.arange(len(sequences)) >= n_samples  # padding rows are done from the start
+  bar = tqdm(total=max_new_tokens, unit="token", desc="sample", dynamic_ncols=True, disable=None if progress else True)
   while remaining > 0 and not done.all():
     context = sequences if not produced else sequences[:, -(cfg.block_size // 2):]
     n_new = min(remaining, cfg.block_size - context.shape[1])
@@ -103,6 +106,8 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
     produced.append(out[:, :count])
     sequences = np.concatenate([sequences, out[:, :count]], axis=1)
     remaining -= n_new
+    bar.update(int(count))
+  bar.close()
   return np.concatenate(produced, axis=1)[:n_samples] if produced else np.zeros((n_samples, 0), np.int32)
 
 
@@ -152,7 +157,7 @@ def main(argv=None) -> None:
   prompt = np.tile(np.asarray(prompt_ids, np.int32), (args.num_samples, 1))
   tokens = generate(cfg.model, params, prompt, max_new_tokens=args.max_new_tokens,
                     rng=jax.random.key(args.seed), temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, eot_id=tok.eot_id, mesh=mesh)
+                    top_p=args.top_p, eot_id=tok.eot_id, mesh=mesh, progress=True)
   for row in tokens:
     row = list(row)
     if tok.eot_id in row:

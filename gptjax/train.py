@@ -23,8 +23,10 @@ from gptjax import metrics
 from gptjax import model as model_lib
 from gptjax import optim
 from gptjax import profile
+from gptjax import record
 from gptjax import sharding
 from gptjax import steps as steps_lib
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.steps import TrainState
 
@@ -166,13 +168,21 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     log(metrics.kv_cache_report(cfg.model))
 
     throughput = metrics.Throughput(cfg, start_step)
-    evaluation = hooks.Evaluate(_loss_estimator(steps, splits, batch_args, mesh, t), log, throughput)
+    run_record = record.Record(cfg, start_step, resume) if jax.process_index() == 0 else None
+    if run_record is not None:
+      run_record.write("memory", start_step, {f"{name.replace(' ', '_')}_mib": size / 2**20 for name, size in
+                                              metrics.memory_per_device(steps.abstract, steps.shardings, steps.train).items()})
+    evaluation = hooks.Evaluate(_loss_estimator(steps, splits, batch_args, mesh, t), log, throughput, run_record)
     save = hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput)
     on_signal = hooks.SaveOnSignal(save, resume_hint)
     profiler = profile.Profile(t.out_dir, *(t.profile_steps or (-1, -1)), log, steps.train.as_text() if t.profile else "")
+    sample_text = t.sample_tokens and run_record is not None and jax.process_count() == 1  # see SampleText
     loop_hooks = [
-        hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps), every=(t.log_interval,)),
+        hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps, run_record), every=(t.log_interval,)),
         hooks.Hook(evaluation, every=(t.eval_interval,)),
+        *([hooks.Hook(hooks.SampleText(cfg, tokenizer_lib.from_meta(meta["tokenizer"]), mesh, run_record, throughput),
+                      every=(t.eval_interval,))] if sample_text else []),
+        *([hooks.Hook(hooks.PlotLoss(run_record, t.out_dir), every=(t.eval_interval,))] if run_record else []),
         hooks.Hook(save, every=(t.checkpoint_interval,)),
         *([hooks.Hook(hooks.SaveEvery(save, t.checkpoint_minutes), every=(t.log_interval,))] if t.checkpoint_minutes else []),
         hooks.Hook(save.check, every=(1,)),
@@ -197,6 +207,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
       profiler.close()
       bar.close()
       save.close()
+      if run_record is not None:
+        run_record.close()
   return evaluation.latest, state
 
 

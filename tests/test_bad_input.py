@@ -120,6 +120,12 @@ CASES = {
     "perplexity: no such text": ([*PERPLEXITY, "--text", "{inp}/nope.txt"], "no text found"),
     "perplexity: data of another tokenizer": ([*PERPLEXITY, "--split", "val", "--data-dir", "{inp}/abc"],
                                               "was prepared with another tokenizer than the checkpoint's"),
+    # explain, attention, plot
+    "explain: no such block": (["explain", "--checkpoint", "{run}", "--layers", "0,5"], "--layers '0,5': the model's blocks are 0-1"),
+    "attention: prompt longer than the context": (["attention", "--checkpoint", "{run}", "--prompt", "x" * 40, "--output", "{new}"],
+                                                  "the prompt is 40 tokens, more than the model's context of 32"),
+    "plot: not a run": (["plot", "{inp}", "--output", "{new}.png"], "no metrics.jsonl in", "not the out_dir of a run"),
+    "train: negative sample length": (train("train.sample_tokens=-1"), "train.sample_tokens=-1 is negative"),
 }
 
 
@@ -164,4 +170,4 @@ def test_bad_input(tiny_run, inputs, tmp_path, case):
   paths = {"run": run, "data": data_dir, "inp": inputs, "new": tmp_path / "new"}
   one_line_error(run_cli(*[arg.format(**paths) for arg in args]), *fragments)
   assert (digest(run), digest(data_dir), digest(inputs)) == before
-  assert not (tmp_path / "new").exists()
+  assert not (tmp_path / "new").exists() and not (tmp_path / "new.png").exists()

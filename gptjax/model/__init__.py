@@ -16,7 +16,8 @@ from gptjax.model.attention import KVCache
 from gptjax.model.layers import compute_dtype, logical_axes
 from gptjax.model.transformer import GPT
 
-__all__ = ["GPT", "KVCache", "init_params", "abstract_params", "bind", "compute_dtype", "count_params", "flops_per_token"]
+__all__ = ["GPT", "KVCache", "init_params", "abstract_params", "bind", "compute_dtype", "count_params", "flops_per_token",
+           "forward_with_intermediates"]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
@@ -39,6 +40,16 @@ def abstract_params(cfg: ModelConfig) -> tuple[dict, dict]:
 def bind(cfg: ModelConfig, params: dict) -> GPT:
   """The model with `params` (arrays or tracers) in place, for calling inside a jitted function."""
   return nnx.merge(_abstract(cfg)[0], params)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward_with_intermediates(cfg: ModelConfig, params: dict, tokens_BT: jax.Array) -> tuple[jax.Array, dict]:
+  """(logits [B, T, vocab], what every stage computed): one forward pass under `nnx.capture`, which
+  keeps what the model's `sow` calls name. A nested dict: the stages before and after the blocks,
+  and `blocks`, a tuple of one dict per layer (its attention and MLP stages in `attn` and `mlp`)."""
+  logits_BTV, kept = nnx.capture(bind(cfg, params), nnx.Intermediate)(tokens_BT)
+  return logits_BTV, {name: value if name == "blocks" else value[0]  # sow keeps a tuple of what it was given
+                      for name, value in nnx.to_pure_dict(kept).items()}
 
 
 def count_params(params) -> int:

@@ -25,7 +25,7 @@ from flax import struct
 from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model import rotary
-from gptjax.model.layers import axes, compute_dtype, norm
+from gptjax.model.layers import axes, capturing, compute_dtype, norm, sow
 
 
 @struct.dataclass
@@ -71,11 +71,14 @@ class CausalSelfAttention(nnx.Module):
       q_BTHK = sharding.constrain(self.q_attn(x_BTD), ("batch", "sequence", "heads", "kv"))
       kv_BT2GK = sharding.constrain(self.kv_attn(x_BTD), ("batch", "sequence", None, "kv_heads", "kv"))
       k_BTGK, v_BTGK = (x[:, :, 0] for x in jnp.split(kv_BT2GK, 2, axis=2))
+    sow(self, "queries", q_BTHK), sow(self, "keys", k_BTGK), sow(self, "values", v_BTGK)
     if self.cfg.qk_norm:
       q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
+      sow(self, "queries_normed", q_BTHK), sow(self, "keys_normed", k_BTGK)
     if self.cfg.positions == "rope":
       positions_T = start + jnp.arange(x_BTD.shape[1])
       q_BTHK, k_BTGK = rotary.rotate(q_BTHK, positions_T, self.cfg), rotary.rotate(k_BTGK, positions_T, self.cfg)
+      sow(self, "queries_rotated", q_BTHK), sow(self, "keys_rotated", k_BTGK)
     return q_BTHK, k_BTGK, v_BTGK
 
   def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None):
@@ -84,12 +87,15 @@ class CausalSelfAttention(nnx.Module):
     q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, 0 if cache is None else cache.length)
     if cache is not None:
       y_BTHK, cache = self._attend_cached(q_BTHK, k_BTGK, v_BTGK, cache, layer)
+    elif capturing(self):
+      y_BTHK = self._attend_captured(q_BTHK, k_BTGK, v_BTGK)
     elif self.cfg.attention == "blocked" or (self.cfg.attention == "auto" and jax.default_backend() == "cpu"):
       y_BTHK = causal_attend(q_BTHK, k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3))
     else:  # cuDNN's fused kernel where it applies ("auto" on GPUs), else XLA's
       y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=True,
                                             implementation="xla" if self.cfg.attention == "xla" else None)
     y_BTD = self.c_proj(y_BTHK)
+    sow(self, "output", y_BTD)
     return self.dropout(y_BTD, deterministic=dropout_key is None, rngs=dropout_key), cache
 
   def _attend_cached(self, q_BTHK, k_BTGK, v_BTGK, cache: KVCache, layer):
@@ -102,6 +108,20 @@ class CausalSelfAttention(nnx.Module):
                           value=(*cache.value[:layer], v_BGSK, *cache.value[layer + 1:]))
     query_pos_T = cache.length + jnp.arange(q_BTHK.shape[1])
     return attend(q_BTHK, k_BGSK, v_BGSK, jnp.arange(k_BGSK.shape[2])[None, :] <= query_pos_T[:, None]), cache
+
+
+  def _attend_captured(self, q_BTHK, k_BTGK, v_BTGK):
+    """`attend`'s computation over the whole causal mask, keeping its stages (per query head,
+    [B, heads, T, T]) and the heads concatenated [B, T, heads * head_dim]; for `nnx.capture`."""
+    B, T, H, K = q_BTHK.shape
+    mask_TT = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    stages = attention_stages(q_BTHK, k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3), mask_TT)
+    for name in ("scores", "masked", "weights"):
+      sow(self, name, stages[f"{name}_BGRTS"].reshape(B, H, T, T))
+    y_BTHK = stages["y_BTGRK"].reshape(B, T, H, K)
+    sow(self, "weighted_values", y_BTHK)
+    sow(self, "heads_concatenated", y_BTHK.reshape(B, T, H * K))  # what c_proj contracts: (heads, head_dim) as one axis
+    return y_BTHK
 
 
 def causal_attend(q_BTHK, k_BGTK, v_BGTK):
@@ -127,14 +147,25 @@ def attend(q_BTHK, k_BGSK, v_BGSK, mask_TS):
   return _attend_forward(q_BTHK, k_BGSK, v_BGSK, mask_TS)[0]
 
 
-def _attend_forward(q_BTHK, k_BGSK, v_BGSK, mask_TS):
+def attention_stages(q_BTHK, k_BGSK, v_BGSK, mask_TS) -> dict:
+  """Every stage of `attend`: the queries grouped by the key/value head they share, the scaled
+  scores, the scores masked (-inf where the mask forbids), the softmax weights and the weighted
+  values; heads are [G, R] (query head h = g * R + r)."""
   B, T, H, K = q_BTHK.shape
   G = k_BGSK.shape[1]
   q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)  # R: the query heads that share a key/value head
   scores_BGRTS = jnp.einsum("btgrk,bgsk->bgrts", q_BTGRK, k_BGSK, preferred_element_type=jnp.float32) / math.sqrt(K)
-  weights_BGRTS = jax.nn.softmax(jnp.where(mask_TS, scores_BGRTS, -jnp.inf), axis=-1).astype(v_BGSK.dtype)
+  masked_BGRTS = jnp.where(mask_TS, scores_BGRTS, -jnp.inf)
+  weights_BGRTS = jax.nn.softmax(masked_BGRTS, axis=-1).astype(v_BGSK.dtype)
   y_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", weights_BGRTS, v_BGSK)
-  return y_BTGRK.reshape(B, T, H, K), (q_BTGRK, k_BGSK, v_BGSK, weights_BGRTS, y_BTGRK)
+  return dict(q_BTGRK=q_BTGRK, scores_BGRTS=scores_BGRTS, masked_BGRTS=masked_BGRTS, weights_BGRTS=weights_BGRTS,
+              y_BTGRK=y_BTGRK)
+
+
+def _attend_forward(q_BTHK, k_BGSK, v_BGSK, mask_TS):
+  stages = attention_stages(q_BTHK, k_BGSK, v_BGSK, mask_TS)
+  q_BTGRK, weights_BGRTS, y_BTGRK = stages["q_BTGRK"], stages["weights_BGRTS"], stages["y_BTGRK"]
+  return y_BTGRK.reshape(q_BTHK.shape), (q_BTGRK, k_BGSK, v_BGSK, weights_BGRTS, y_BTGRK)
 
 
 def _attend_backward(saved, dy_BTHK):

@@ -31,6 +31,18 @@ def logical_axes(state: nnx.State):
       is_leaf=lambda v: isinstance(v, nnx.Variable)))
 
 
+def capturing(module: nnx.Module) -> bool:
+  """Whether `module` runs under `nnx.capture` (which marks every module it records from)."""
+  return hasattr(module, "__captures__")
+
+
+def sow(module: nnx.Module, name: str, value: jax.Array) -> None:
+  """Keeps `value` as `module`'s intermediate `name` when it runs under `nnx.capture` (what
+  `gptjax explain` and `gptjax attention` read); in training and sampling, nothing."""
+  if capturing(module):
+    module.sow(nnx.Intermediate, name, value)
+
+
 def norm(cfg: ModelConfig, size: int | None = None, axis: str = "embed", *, rngs: nnx.Rngs):
   """The configured normalisation over the last axis (`size`, default n_embd): GPT-2's LayerNorm
   (with a bias if the model has biases) or RMSNorm."""

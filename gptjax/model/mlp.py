@@ -10,7 +10,7 @@ from flax import nnx
 
 from gptjax import sharding
 from gptjax.config import ModelConfig
-from gptjax.model.layers import axes, compute_dtype
+from gptjax.model.layers import axes, compute_dtype, sow
 
 
 class MLP(nnx.Module):
@@ -30,9 +30,14 @@ class MLP(nnx.Module):
   def __call__(self, x_BTD, dropout_key: jax.Array | None):
     if self.swiglu:
       gate_up_BT2F = sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", None, "mlp"))
+      sow(self, "gate_and_up", gate_up_BT2F)
       gate_BT1F, up_BT1F = jnp.split(gate_up_BT2F, 2, axis=2)  # one split: its gradient is one concatenation
       h_BTF = (jax.nn.silu(gate_BT1F) * up_BT1F)[:, :, 0]
     else:
-      h_BTF = jax.nn.gelu(sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", "mlp")), approximate=True)
+      up_BTF = sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", "mlp"))
+      sow(self, "up", up_BTF)
+      h_BTF = jax.nn.gelu(up_BTF, approximate=True)
+    sow(self, "activation", h_BTF)
     y_BTD = self.c_proj(h_BTF)
+    sow(self, "down", y_BTD)
     return self.dropout(y_BTD, deterministic=dropout_key is None, rngs=dropout_key)

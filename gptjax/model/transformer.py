@@ -22,7 +22,7 @@ from flax import nnx
 from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model.attention import CausalSelfAttention, KVCache
-from gptjax.model.layers import axes, compute_dtype, norm
+from gptjax.model.layers import axes, capturing, compute_dtype, norm, sow
 from gptjax.model.mlp import MLP
 
 RESIDUAL_AXES = ("batch", "sequence", "embed")  # the residual stream [B, T, embd]
@@ -44,9 +44,15 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None):
     attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    h_BTD, cache = self.attn(self.ln_1(x_BTD), cache, layer, attn_key)
+    normed_BTD = self.ln_1(x_BTD)
+    sow(self, "ln_1", normed_BTD)
+    h_BTD, cache = self.attn(normed_BTD, cache, layer, attn_key)
     x_BTD = x_BTD + h_BTD
-    x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), mlp_key)
+    sow(self, "attention_residual", x_BTD)
+    normed_BTD = self.ln_2(x_BTD)
+    sow(self, "ln_2", normed_BTD)
+    x_BTD = x_BTD + self.mlp(normed_BTD, mlp_key)
+    sow(self, "mlp_residual", x_BTD)
     return sharding.constrain(x_BTD, RESIDUAL_AXES), cache
 
 
@@ -111,8 +117,12 @@ class GPT(nnx.Module):
     embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     table_VD = sharding.constrain(self.wte.embedding[...], ("vocab", None))  # gathered over fsdp for the lookup
     x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(compute_dtype(cfg))
+    sow(self, "token_embeddings", x_BTD)
     if cfg.positions == "learned":  # rotary positions are applied inside attention
-      x_BTD = x_BTD + self.wpe(start + jnp.arange(tokens_BT.shape[1]))[None]
+      positions_TD = self.wpe(start + jnp.arange(tokens_BT.shape[1]))
+      sow(self, "position_embeddings", positions_TD)
+      x_BTD = x_BTD + positions_TD[None]
+      sow(self, "embeddings", x_BTD)
     x_BTD = self.dropout(x_BTD, deterministic=embed_key is None, rngs=embed_key)
     x_BTD = sharding.constrain(x_BTD, RESIDUAL_AXES)
     layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.n_layer)
@@ -124,13 +134,17 @@ class GPT(nnx.Module):
         x_BTD, cache = nnx.merge(graphdef, params)(x_BTD, cache, i, None)
       x_BTD = x_BTD[:, -1:]
     x_BTD = self.ln_f(x_BTD)
+    sow(self, "ln_f", x_BTD)
     logits_BTV = (self.wte.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)).astype(jnp.float32)
     if cfg.padded_vocab > cfg.vocab_size:  # padding rows: never sampled, never part of a softmax
       logits_BTV = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits_BTV, jnp.finfo(jnp.float32).min)
+    sow(self, "logits", logits_BTV)
     return sharding.constrain(logits_BTV, ("batch", "sequence", "vocab")), cache
 
   def _blocks(self, x_BTD, layer_keys):
     """Runs the stacked blocks in order (training and evaluation); layer_keys (or None) has a leading layer axis."""
+    if capturing(self):
+      return self._blocks_captured(x_BTD)
     graphdef, stacked = nnx.split(self.h)
 
     def layer(x_BTD, per_layer):
@@ -146,4 +160,15 @@ class GPT(nnx.Module):
     unstacked = [jnp.unstack(leaf) for leaf in leaves]
     for i in range(self.cfg.n_layer):
       x_BTD, _ = layer(x_BTD, treedef.unflatten([layers[i] for layers in unstacked]))
+    return x_BTD
+
+  def _blocks_captured(self, x_BTD):
+    """The blocks one by one, each under `nnx.capture`; their intermediates are kept as this
+    model's `blocks`, a tuple with one nested dict per layer (for `gptjax explain` and `attention`)."""
+    graphdef, stacked, rest = nnx.split(self.h, nnx.Param, ...)
+    for i in range(self.cfg.n_layer):
+      block = nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked), rest)
+      (x_BTD, _), intermediates = nnx.capture(block, nnx.Intermediate)(x_BTD, None, i, None)
+      sow(self, "blocks", jax.tree.map(lambda kept: kept[0], nnx.to_pure_dict(intermediates),
+                                        is_leaf=lambda x: isinstance(x, tuple)))  # sow keeps (value,)
     return x_BTD

@@ -1,0 +1,67 @@
+"""Loss curves with matplotlib: OUT_DIR/loss.png, redrawn at each evaluation of a run, and
+`gptjax plot` to compare runs in one figure.
+
+    gptjax plot out/shakespeare_char_cpu                       # -> plot.png
+    gptjax plot out/shakespeare_char_cpu out/llama_shakespeare_cpu --output compare.png
+
+Three panels: the loss against steps, the loss against tokens (where runs of other batch sizes line
+up), and the learning rate beneath. Each run has a colour: its training loss at every log step is
+the faint line, its evaluations' losses the dots (solid: validation, dashed: training).
+Both read OUT_DIR/metrics.jsonl (`gptjax.record`).
+"""
+
+import argparse
+import os
+
+import matplotlib
+
+from gptjax import record
+from gptjax.errors import UserError
+
+matplotlib.use("Agg")  # files only, no window
+import matplotlib.pyplot as plt  # noqa: E402
+
+SIZE_INCHES, DPI = (8.0, 9.0), 100
+
+
+def draw(runs: dict[str, list[dict]], path: str, title: str) -> None:
+  """The loss and learning-rate panels of `runs` ({label: metrics rows}), written to `path` (whole:
+  a viewer never finds half a file)."""
+  fig, (by_step, by_tokens, lr) = plt.subplots(3, 1, figsize=SIZE_INCHES, dpi=DPI, layout="constrained",
+                                               height_ratios=(3, 3, 1.6))
+  single = len(runs) == 1
+  for n, (label, rows) in enumerate(runs.items()):
+    color, prefix = f"C{n}", "" if single else f"{label}: "
+    logged = [row for row in rows if row["kind"] == "train"]
+    evaluated = [row for row in rows if row["kind"] == "eval"]
+    for ax, x in ((by_step, "step"), (by_tokens, "tokens")):
+      ax.plot([r[x] for r in logged], [r["loss"] for r in logged], color=color, alpha=0.3, lw=1,
+              label=f"{prefix}train loss (log steps)")
+      ax.plot([r[x] for r in evaluated], [r["train_loss"] for r in evaluated], "o--", color=color, ms=3, lw=1,
+              label=f"{prefix}train loss (evaluation)")
+      ax.plot([r[x] for r in evaluated], [r["val_loss"] for r in evaluated], "o-", color=color, ms=4, lw=1.5,
+              label=f"{prefix}val loss")
+    lr.plot([r["step"] for r in logged], [r["lr"] for r in logged], color=color, label=label)
+  by_step.set(title=title, xlabel="step", ylabel="loss")
+  by_tokens.set(xlabel="tokens", ylabel="loss")
+  lr.set(xlabel="step", ylabel="learning rate")
+  for ax in (by_step, by_tokens, lr):
+    ax.grid(alpha=0.3)
+  by_step.legend(fontsize=8)
+  tmp = f"{path}.tmp"
+  fig.savefig(tmp, dpi=DPI, format="png")
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="gptjax plot", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("runs", nargs="+", help="runs' out_dirs")
+  parser.add_argument("--output", default="plot.png", help="the PNG to write (default: plot.png)")
+  args = parser.parse_args(argv)
+  if not args.output.lower().endswith(".png"):
+    raise UserError(f"--output {args.output} does not end in .png")
+  runs = {run: record.read_rows(run) for run in args.runs}
+  draw(runs, args.output, "loss" if len(runs) > 1 else f"loss of {args.runs[0]}")
+  print(f"{', '.join(args.runs)}: {args.output}")

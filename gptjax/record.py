@@ -1,0 +1,105 @@
+"""A run's record of itself, for people and for plots:
+
+- OUT_DIR/metrics.jsonl: a JSON row per log line and per evaluation ({"kind", "step", "tokens",
+  values...}), kept across resumes: a resumed run first drops the rows past the step it resumes
+  from, so the file is the history of the checkpoint's own steps. `gptjax plot` and loss.png read it.
+- OUT_DIR/tensorboard: TensorBoard event files, written with tensorboardX (no TensorFlow); a resumed
+  run hides the events past its step. Open them with `tensorboard --logdir OUT_DIR/tensorboard`.
+- Weights & Biases, when train.wandb_project names a project (the `wandb` extra; off by default).
+
+Only process 0 writes.
+"""
+
+import json
+import os
+import pathlib
+
+import tensorboardX
+
+from gptjax import config as config_lib
+from gptjax.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_rows(out_dir: str) -> list[dict]:
+  """The rows of a run's metrics.jsonl (a line cut short by a crash is skipped)."""
+  path = pathlib.Path(out_dir) / METRICS_FILE
+  if not path.is_file():
+    raise UserError(f"no {METRICS_FILE} in {out_dir}: not the out_dir of a run that has logged a step")
+  rows = []
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      continue
+  return rows
+
+
+class Record:
+  """Where the numbers a run logs go. `write(kind, step, values)`: a row, and each value as the
+  scalar `kind/name`; `text(step, tag, text)`: text (TensorBoard and W&B only)."""
+
+  def __init__(self, cfg: config_lib.Config, start_step: int, resume: bool):
+    t = cfg.train
+    self.path = pathlib.Path(t.out_dir) / METRICS_FILE
+    self.rows = [row for row in read_rows(t.out_dir) if row["step"] <= start_step] \
+        if resume and self.path.is_file() else []
+    tmp = self.path.with_name(METRICS_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
+    os.replace(tmp, self.path)
+    self.file = open(self.path, "a", encoding="utf-8")
+    self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
+    last = self.rows[-1] if self.rows else {"step": 0, "tokens": 0}
+    self.start_step, self.start_tokens = start_step, last["tokens"] + (start_step - last["step"]) * self.tokens_per_step
+    self.tensorboard = self.wandb = None
+    if t.tensorboard:
+      self.tensorboard = tensorboardX.SummaryWriter(os.path.join(t.out_dir, "tensorboard"),
+                                                    purge_step=start_step + 1 if resume else None)
+    if t.wandb_project:
+      self.wandb = _start_wandb(cfg)
+
+  def tokens(self, step: int) -> int:
+    """Tokens trained on by the end of `step` (this run's batch size since it started or resumed)."""
+    return self.start_tokens + (step - self.start_step) * self.tokens_per_step
+
+  def write(self, kind: str, step: int, values: dict) -> None:
+    row = {"kind": kind, "step": step, "tokens": self.tokens(step), **values}
+    self.rows.append(row)
+    self.file.write(json.dumps(row) + "\n")
+    self.file.flush()
+    scalars = {f"{kind}/{name}": value for name, value in values.items()}
+    if self.tensorboard is not None:
+      for tag, value in scalars.items():
+        self.tensorboard.add_scalar(tag, value, step)
+      self.tensorboard.flush()
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=step)
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.add_text(tag, "    " + text.replace("\n", "\n    "), step)  # Markdown: kept as written
+      self.tensorboard.flush()
+    if self.wandb is not None:
+      self.wandb.log({tag: text}, step=step)
+
+  def close(self) -> None:
+    self.file.close()
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def _start_wandb(cfg: config_lib.Config):
+  """A W&B run for this out_dir: the same run again when resumed (its id is kept in OUT_DIR/wandb_id)."""
+  try:
+    import wandb  # noqa: PLC0415 (an optional extra)
+  except ImportError:
+    raise UserError("train.wandb_project needs Weights & Biases: pip install 'gptjax[wandb]'") from None
+  id_file = pathlib.Path(cfg.train.out_dir) / "wandb_id"
+  if not id_file.is_file():
+    id_file.write_text(wandb.util.generate_id())
+  return wandb.init(project=cfg.train.wandb_project, id=id_file.read_text().strip(), resume="allow",
+                    name=os.path.basename(os.path.normpath(cfg.train.out_dir)), dir=cfg.train.out_dir,
+                    config=config_lib.to_dict(cfg))

@@ -1,0 +1,72 @@
+"""A run's record: metrics.jsonl, TensorBoard events (read back with TensorBoard's own reader),
+the sample text at each evaluation, and loss.png, across a resume that rewinds."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+
+from gptjax import plots
+from gptjax import record
+from gptjax import train
+
+from conftest import tiny_config
+
+
+def tensorboard_events(out_dir):
+  events = event_accumulator.EventAccumulator(str(out_dir / "tensorboard"), size_guidance={
+      event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0})
+  events.Reload()
+  return events
+
+
+def scalars(events, tag):
+  return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def rows_of(out_dir, kind, name):
+  return {row["step"]: row[name] for row in record.read_rows(out_dir) if row["kind"] == kind and name in row}
+
+
+def check_loss_png(path):
+  with Image.open(path) as image:
+    assert image.format == "PNG" and image.size == tuple(round(x * plots.DPI) for x in plots.SIZE_INCHES)
+
+
+def test_tensorboard_holds_what_the_run_logged(tiny_run):
+  run, _ = tiny_run
+  events = tensorboard_events(run)
+  for kind, name, steps in (("train", "loss", [5, 10, 15, 20, 25, 30]), ("train", "lr", [5, 10, 15, 20, 25, 30]),
+                            ("train", "grad_norm", [5, 30]), ("train", "tokens_per_s", [5, 30]),
+                            ("train", "skipped_steps", [5, 30]), ("eval", "train_loss", [15, 30]),
+                            ("eval", "val_loss", [15, 30]), ("memory", "host_peak_rss_mib", [5, 30])):
+    logged, read = rows_of(run, kind, name), scalars(events, f"{kind}/{name}")
+    assert set(steps) <= set(read) and set(read) == set(logged), (kind, name)
+    np.testing.assert_allclose([read[s] for s in logged], list(logged.values()), rtol=1e-6)
+  assert scalars(events, "memory/parameters_mib")[0] > 0
+  samples = {event.step: event.tensor_proto.string_val[0].decode() for event in events.Tensors("sample/text_summary")}
+  assert sorted(samples) == [15, 30] and all(len(text.strip()) > 0 for text in samples.values())
+  tokens = rows_of(run, "train", "tokens")
+  assert tokens[30] == 30 * 8 * 32  # steps x batch x block
+  check_loss_png(run / "loss.png")
+
+
+def test_a_resume_that_rewinds_drops_the_record_past_its_checkpoint(tmp_path, char_data):
+  cfg = tiny_config(tmp_path, f"data.dir={char_data}", "train.max_iters=20", "train.eval_interval=10",
+                    "train.checkpoint_interval=10")
+  train.train(cfg, progress_bar=False, devices=jax.devices()[:1])
+  out = tmp_path / "out"
+  first = rows_of(out, "eval", "val_loss")
+  shutil.rmtree(out / "checkpoints" / "20")  # as if the run had died after logging step 20, before saving it
+  train.train(cfg, resume=True, progress_bar=False, devices=jax.devices()[:1])
+  steps = [(row["kind"], row["step"]) for row in record.read_rows(out) if row["kind"] != "memory"]
+  assert steps == [("train", 5), ("train", 10), ("eval", 10), ("train", 15), ("train", 20), ("eval", 20)]
+  assert rows_of(out, "eval", "val_loss") == first  # resumed exactly: the same losses again
+  events = tensorboard_events(out)
+  assert scalars(events, "eval/val_loss") == {step: np.float32(loss) for step, loss in first.items()}
+  assert sorted(scalars(events, "train/loss")) == [5, 10, 15, 20]
+  check_loss_png(out / "loss.png")
+  json.dumps(record.read_rows(out))  # plain JSON values
