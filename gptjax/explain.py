@@ -141,7 +141,7 @@ def token_label(tok, token_id: int) -> str:
 def top_tokens(logits_V, tok, k: int = 5) -> str:
   probs = np.asarray(jax.nn.softmax(np.asarray(logits_V, np.float32)))
   best = np.argsort(-probs)[:k]
-  return ", ".join(f"{token_label(tok, i)!r} {probs[i]:.3f}" for i in best)
+  return ", ".join(f"'{token_label(tok, i)}' {probs[i]:.3f}" for i in best)
 
 
 def _model_and_tokenizer(args) -> tuple[config_lib.ModelConfig, object, dict | None, str]:
@@ -201,4 +201,4 @@ def main(argv=None) -> None:
   print(format_table([("stage", "shape", "what it is"), *stage_rows(cfg, intermediates, tokens_BT, layers)]))
   print(LEGEND)
   if params is not None:
-    print(f"next token after {token_label(tok, tokens_BT[0, -1])!r}: {top_tokens(logits_BTV[0, -1, :cfg.vocab_size], tok)}")
+    print(f"next token after '{token_label(tok, tokens_BT[0, -1])}': {top_tokens(logits_BTV[0, -1, :cfg.vocab_size], tok)}")

@@ -113,7 +113,8 @@ class PlotLoss:
     self.record, self.path, self.title = run_record, os.path.join(out_dir, "loss.png"), f"loss of {out_dir}"
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
-    plots.draw({self.title: self.record.rows}, self.path, self.title)
+    with record.stop_if_unwritable(self.path, step):
+      plots.draw({self.title: self.record.rows}, self.path, self.title)
 
 
 class SaveCheckpoint:

@@ -10,16 +10,21 @@
 Only process 0 writes.
 """
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
+import uuid
 
 import tensorboardX
 
 from gptjax import config as config_lib
+from gptjax.errors import SaveFailed
 from gptjax.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)  # a NaN loss is recorded as it is, without a warning
 
 
 def read_rows(out_dir: str) -> list[dict]:
@@ -34,6 +39,16 @@ def read_rows(out_dir: str) -> list[dict]:
     except ValueError:
       continue
   return rows
+
+
+@contextlib.contextmanager
+def stop_if_unwritable(what: str, step: int):
+  """A write that fails (a full disk) stops the run with one line, as a failed save does."""
+  try:
+    yield
+  except OSError as e:
+    raise SaveFailed(f"writing {what} at step {step} failed ({e.strerror}); the run stopped, the checkpoints "
+                     "before it are intact") from None
 
 
 class Record:
@@ -66,27 +81,31 @@ class Record:
   def write(self, kind: str, step: int, values: dict) -> None:
     row = {"kind": kind, "step": step, "tokens": self.tokens(step), **values}
     self.rows.append(row)
-    self.file.write(json.dumps(row) + "\n")
-    self.file.flush()
     scalars = {f"{kind}/{name}": value for name, value in values.items()}
-    if self.tensorboard is not None:
-      for tag, value in scalars.items():
-        self.tensorboard.add_scalar(tag, value, step)
-      self.tensorboard.flush()
+    with stop_if_unwritable(f"the record in {self.path.parent}", step):
+      self.file.write(json.dumps(row) + "\n")
+      self.file.flush()
+      if self.tensorboard is not None:
+        for tag, value in scalars.items():
+          self.tensorboard.add_scalar(tag, value, step)  # NaN and inf are kept as they are
+        self.tensorboard.flush()
     if self.wandb is not None:
       self.wandb.log(scalars, step=step)
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.tensorboard is not None:
-      self.tensorboard.add_text(tag, "    " + text.replace("\n", "\n    "), step)  # Markdown: kept as written
-      self.tensorboard.flush()
+      with stop_if_unwritable(f"the record in {self.path.parent}", step):
+        self.tensorboard.add_text(tag, "    " + text.replace("\n", "\n    "), step)  # Markdown: kept as written
+        self.tensorboard.flush()
     if self.wandb is not None:
       self.wandb.log({tag: text}, step=step)
 
   def close(self) -> None:
-    self.file.close()
-    if self.tensorboard is not None:
-      self.tensorboard.close()
+    """Closes the files; a failure here was met, and reported, by a write before."""
+    with contextlib.suppress(OSError):
+      self.file.close()
+      if self.tensorboard is not None:
+        self.tensorboard.close()
     if self.wandb is not None:
       self.wandb.finish()
 
@@ -99,7 +118,7 @@ def _start_wandb(cfg: config_lib.Config):
     raise UserError("train.wandb_project needs Weights & Biases: pip install 'gptjax[wandb]'") from None
   id_file = pathlib.Path(cfg.train.out_dir) / "wandb_id"
   if not id_file.is_file():
-    id_file.write_text(wandb.util.generate_id())
+    id_file.write_text(uuid.uuid4().hex[:16])
   return wandb.init(project=cfg.train.wandb_project, id=id_file.read_text().strip(), resume="allow",
                     name=os.path.basename(os.path.normpath(cfg.train.out_dir)), dir=cfg.train.out_dir,
                     config=config_lib.to_dict(cfg))

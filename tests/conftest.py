@@ -57,6 +57,29 @@ def run_cli(*args, cwd=None):
                         text=True, cwd=cwd, env=user_env(), timeout=600)
 
 
+def run_cli_on_terminal(*args) -> tuple[int, str, str]:
+  """Runs `gptjax ARGS` with stderr on a pseudo-terminal, as in a user's shell: (exit status,
+  stdout, what the terminal showed)."""
+  import fcntl, pty, struct, termios  # noqa: E401, PLC0415 (POSIX only)
+  controller, terminal = pty.openpty()
+  fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 150, 0, 0))  # rows, columns: a real window's
+  process = subprocess.Popen([sys.executable, "-m", "gptjax.cli", *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=terminal, text=True, env=user_env())
+  os.close(terminal)
+  shown = b""
+  while True:
+    try:
+      chunk = os.read(controller, 65536)
+    except OSError:  # the terminal's other end is closed: the command has ended
+      break
+    if not chunk:
+      break
+    shown += chunk
+  stdout = process.stdout.read()
+  os.close(controller)
+  return process.wait(timeout=600), stdout, shown.decode("utf-8", "replace")
+
+
 def start_cli(*args) -> subprocess.Popen:
   """Starts `gptjax ARGS` as a user would, its stdout and stderr piped as text."""
   return subprocess.Popen([sys.executable, "-m", "gptjax.cli", *map(str, args)], stdout=subprocess.PIPE,

@@ -27,6 +27,7 @@ def table_rows(output: str, first_cell: str) -> list[list[str]]:
           if line.startswith(f"| {first_cell}")]
 
 
+@pytest.mark.slow  # 46 s; where_time_goes covers the benchmarks' tiny runs in the default suite
 def test_vs_transformers_prints_train_and_sampling_tables():
   output = run_benchmark("vs_transformers.py", "--tiny")
   (train,) = table_rows(output, "GPT-2 2x32")
@@ -46,7 +47,6 @@ def test_prepare_speed_prints_workers_against_the_tokenizer_limit():
   assert all(row[8].endswith("MiB") for row in rows[2:])
 
 
-@pytest.mark.slow  # 11 s; vs_transformers covers the benchmarks' tiny runs in the default suite
 def test_where_time_goes_prints_the_largest_operations():
   output = run_benchmark("where_time_goes.py", "--tiny")
   rows = table_rows(output, "")

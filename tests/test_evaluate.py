@@ -1,3 +1,5 @@
+import re
+
 import jax
 import numpy as np
 import optax
@@ -8,7 +10,7 @@ from gptjax import model as model_lib
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_on_terminal
 
 CFG = ModelConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -67,3 +69,13 @@ def test_perplexity_command_on_split_and_text(tiny_run, tmp_path):
   text = run_cli("perplexity", "--checkpoint", out_dir, "--text", tmp_path / "lines.txt", "--stride", 8)
   assert text.returncode == 0, text.stderr
   assert "42 tokens" in text.stdout and "stride 8" in text.stdout  # 43 characters, the first unscored
+  assert split.stderr == text.stderr == ""  # no progress bar off a terminal
+
+
+def test_long_commands_show_a_progress_bar_on_a_terminal(tiny_run):
+  out_dir, _ = tiny_run
+  status, stdout, shown = run_cli_on_terminal("perplexity", "--checkpoint", out_dir, "--split", "val", "--batch-size", 512)
+  assert status == 0 and "perplexity" in stdout
+  assert re.search(r"perplexity: +100%.*\| 6971/6971 \[.*window/s\]", shown), shown  # count, rate, time
+  status, stdout, shown = run_cli_on_terminal("sample", "--checkpoint", out_dir, "--max-new-tokens", 100, "--num-samples", 1)
+  assert status == 0 and re.search(r"sample: +100%.*\| 100/100 \[.*token/s\]", shown), shown

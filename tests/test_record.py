@@ -70,3 +70,19 @@ def test_a_resume_that_rewinds_drops_the_record_past_its_checkpoint(tmp_path, ch
   assert sorted(scalars(events, "train/loss")) == [5, 10, 15, 20]
   check_loss_png(out / "loss.png")
   json.dumps(record.read_rows(out))  # plain JSON values
+
+
+def test_weights_and_biases_gets_the_same_values_offline(tmp_path, char_data, monkeypatch):
+  monkeypatch.setenv("WANDB_MODE", "offline")  # written to OUT_DIR/wandb, for `wandb sync`; nothing is sent
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  cfg = tiny_config(tmp_path, f"data.dir={char_data}", "train.max_iters=10", "train.eval_interval=5",
+                    "train.checkpoint_interval=10", "train.wandb_project=gptjax-test", "train.sample_tokens=8")
+  train.train(cfg, progress_bar=False, devices=jax.devices()[:1])
+  out = tmp_path / "out"
+  run_id = (out / "wandb_id").read_text()
+  [run_file] = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+  logged = run_file.read_bytes()  # W&B's own record format: each value as JSON beside its key
+  for kind, name in (("eval", "val_loss"), ("train", "loss")):
+    for value in rows_of(out, kind, name).values():
+      assert f"{kind}/{name}".encode() in logged and json.dumps(value).encode() in logged
+  assert b"sample" in logged

@@ -9,6 +9,10 @@ runs as one `lax.scan` (`model.scan_layers`: compile time independent of depth) 
 loop over the same stacked arrays (faster steps on CPU); the layout, and so every checkpoint, is
 the same either way.
 
+Each stage's output is named with `sow` (`layers.sow`), which keeps it only under `nnx.capture`:
+then the blocks run one by one and attention computes its weights explicitly, for `gptjax explain`
+and `gptjax attention` (`model.forward_with_intermediates`); training and sampling keep nothing.
+
 The model owns its inference state: `init_cache` makes the key/value cache and `decode` extends it.
 Decoding loops over the blocks, each with its own cache arrays and, from `layer_params`, its own
 weights: in a generation loop, slicing the stacked arrays would copy every layer's weights (and
