@@ -11,15 +11,20 @@ heads, T, T] (float32), `layers`, `tokens` and `labels`.
 """
 
 import argparse
+import functools
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
 from gptjax import checkpoint
 from gptjax import explain
+from gptjax import model as model_lib
 from gptjax import tokenizer as tokenizer_lib
+from gptjax.errors import UserError
 
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,8 +70,14 @@ def plot_layer(weights_HTT: np.ndarray, labels: list[str], title: str, path: str
 
 def attention_weights(cfg, params, tokens_BT: np.ndarray, layers: list[int]) -> np.ndarray:
   """[len(layers), heads, T, T] float32: the softmax weights of the first prompt in each of `layers`."""
-  _, intermediates = explain.run_prompt(cfg, params, tokens_BT)
-  return np.stack([np.asarray(intermediates["blocks"][i]["attn"]["weights"][0], np.float32) for i in layers])
+  return np.asarray(_weights(cfg, params, tokens_BT, tuple(layers)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layers"))
+def _weights(cfg, params, tokens_BT, layers: tuple[int, ...]):
+  """Only the blocks asked for leave the device: the other intermediates are never kept."""
+  blocks = model_lib.forward_with_intermediates(cfg, params, tokens_BT)[1]["blocks"]
+  return jnp.stack([blocks[i]["attn"]["weights"][0] for i in layers])
 
 
 def main(argv=None) -> None:
@@ -86,10 +97,14 @@ def main(argv=None) -> None:
   weights = attention_weights(cfg.model, params, tokens_BT, layers)
   labels = [explain.token_label(tok, t) for t in tokens_BT[0]]
   output = args.output or os.path.join(args.checkpoint, "attention")
-  os.makedirs(output, exist_ok=True)
-  np.savez(os.path.join(output, "attention.npz"), weights=weights, layers=np.asarray(layers),
-           tokens=tokens_BT[0], labels=np.asarray(labels))
-  for i, weights_HTT in zip(layers, weights):
-    plot_layer(weights_HTT, labels, f"block {i} of {args.checkpoint} (step {step})", os.path.join(output, f"layer_{i}.png"))
+  try:
+    os.makedirs(output, exist_ok=True)
+    np.savez(os.path.join(output, "attention.npz"), weights=weights, layers=np.asarray(layers),
+             tokens=tokens_BT[0], labels=np.asarray(labels))
+    for i, weights_HTT in zip(layers, weights):
+      plot_layer(weights_HTT, labels, f"block {i} of {args.checkpoint} (step {step})",
+                 os.path.join(output, f"layer_{i}.png"))
+  except OSError as e:
+    raise UserError(f"cannot write to {output}: {e.strerror}") from None
   print(f"attention of {len(labels)} tokens in blocks {', '.join(map(str, layers))}: {output}/layer_*.png, "
         f"{output}/attention.npz")

@@ -8,7 +8,6 @@ import importlib
 import logging
 import os
 import sys
-import threading
 import warnings
 
 from gptjax.errors import SaveFailed
@@ -44,13 +43,6 @@ def _unless_orphaned_write(report, default=sys.unraisablehook) -> None:
     default(report)
 
 
-def _unless_event_writer_failed(report, default=threading.excepthook):
-  """TensorBoard's writer thread (tensorboardX) meets a failing disk too; the run reports that once,
-  in one line, from its own write (`gptjax.record`). Not that thread's traceback."""
-  if not (isinstance(report.exc_value, OSError) and type(report.thread).__module__.startswith("tensorboardX")):
-    default(report)
-
-
 def run(command: str, argv: list[str]) -> None:
   """Runs one command's `main(argv)`, turning bad input into a one-line error."""
   argparse.ArgumentParser.error = _OneLineErrors.error  # every command's parser
@@ -58,7 +50,6 @@ def run(command: str, argv: list[str]) -> None:
   for library in ("absl", "asyncio"):
     logging.getLogger(library).setLevel(logging.CRITICAL)
   sys.unraisablehook = _unless_orphaned_write
-  threading.excepthook = _unless_event_writer_failed
   warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)  # the same, at exit
   try:
     importlib.import_module(COMMANDS[command]).main(argv)

@@ -146,7 +146,7 @@ class TrainConfig:
   tensorboard: bool = True  # TensorBoard event files in out_dir/tensorboard
   wandb_project: str = ""  # also log to this Weights & Biases project (the wandb extra); empty: off
   sample_tokens: int = 200  # at each evaluation, a sample this long goes to TensorBoard / W&B; 0: none
-  sample_prompt: str = "\n"  # ... continuing this text
+  sample_prompt: str = ""  # ... continuing this text (empty: from end-of-text, or a character model's first character)
 
   @property
   def profile_steps(self) -> tuple[int, int] | None:

@@ -5,9 +5,9 @@ and what it does, from the token ids to the next token's five likeliest values.
     gptjax explain --config gpt2_124m --prompt "Hello, world"      # shapes only: no weights are made
     gptjax explain --config llama3_2_1b --layers 0,15
 
-The shapes are what the model's own code computed: its `sow` calls, recorded by `nnx.capture`
-(`model.forward_with_intermediates`). With --config the pass is traced with `jax.eval_shape`, so no
-parameters are made and no memory is used, and there is no prediction to show.
+The shapes are what the model's own code computes: its `sow` calls, recorded by `nnx.capture`
+(`model.forward_with_intermediates`), traced with `jax.eval_shape`, so that no stage's output is
+kept in memory. With --config no parameters are made either, and there is no prediction to show.
 """
 
 import argparse
@@ -85,6 +85,8 @@ def parse_layers(spec: str | None, n_layer: int) -> list[int]:
   chosen = []
   for part in spec.split(","):
     first, _, last = part.partition("-")
+    if int(last or first) < int(first):
+      raise UserError(f"--layers {spec!r}: {part} runs backwards; write {last}-{first}")
     chosen.extend(range(int(first), int(last or first) + 1))
   if not chosen or not all(0 <= i < n_layer for i in chosen):
     raise UserError(f"--layers {spec!r}: the model's blocks are 0-{n_layer - 1}")
@@ -170,12 +172,17 @@ def prompt_tokens(tok, text: str, block_size: int) -> np.ndarray:
   return np.asarray(ids, np.int32)[None]
 
 
-def run_prompt(cfg: config_lib.ModelConfig, params: dict | None, tokens_BT: np.ndarray):
-  """(logits, intermediates) of the prompt; their shapes only (jax.eval_shape) without params."""
-  if params is None:
-    shapes, _ = model_lib.abstract_params(cfg)
-    return jax.eval_shape(functools.partial(model_lib.forward_with_intermediates, cfg), shapes, tokens_BT)
-  return model_lib.forward_with_intermediates(cfg, params, tokens_BT)
+def stage_shapes(cfg: config_lib.ModelConfig, tokens_BT: np.ndarray) -> dict:
+  """What every stage computes on the prompt, as shapes: `jax.eval_shape` of the forward pass under
+  `nnx.capture`, which allocates nothing (a long prompt's [T, T] weights of every block included)."""
+  shapes, _ = model_lib.abstract_params(cfg)
+  return jax.eval_shape(functools.partial(model_lib.forward_with_intermediates, cfg), shapes, tokens_BT)[1]
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def next_token_logits(cfg: config_lib.ModelConfig, params: dict, tokens_BT: jax.Array) -> jax.Array:
+  """[B, vocab]: the logits of the position after the prompt's last."""
+  return model_lib.bind(cfg, params)(tokens_BT)[:, -1]
 
 
 def main(argv=None) -> None:
@@ -195,10 +202,11 @@ def main(argv=None) -> None:
   cfg, tok, params, source_line = _model_and_tokenizer(args)
   layers = parse_layers(args.layers, cfg.n_layer)
   tokens_BT = prompt_tokens(tok, args.prompt, cfg.block_size)
-  logits_BTV, intermediates = run_prompt(cfg, params, tokens_BT)
+  intermediates = stage_shapes(cfg, tokens_BT)
   print(f"{source_line}: {cfg.n_layer} blocks, D={cfg.n_embd}, H={cfg.n_head}, G={cfg.kv_heads}, K={cfg.head_size}, "
         f"F={cfg.mlp_size}, V={cfg.padded_vocab}; prompt {args.prompt!r} is {tokens_BT.shape[1]} tokens")
   print(format_table([("stage", "shape", "what it is"), *stage_rows(cfg, intermediates, tokens_BT, layers)]))
   print(LEGEND)
   if params is not None:
-    print(f"next token after '{token_label(tok, tokens_BT[0, -1])}': {top_tokens(logits_BTV[0, -1, :cfg.vocab_size], tok)}")
+    logits_V = next_token_logits(cfg, params, tokens_BT)[0, :cfg.vocab_size]
+    print(f"next token after '{token_label(tok, tokens_BT[0, -1])}': {top_tokens(logits_V, tok)}")

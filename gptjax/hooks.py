@@ -81,28 +81,43 @@ class Evaluate:
     self.latest: dict = {}
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict | None = None) -> None:
-    self.latest = {"step": step, **self.estimate(state.params)}
-    self.log(f"step {step}: train loss {self.latest['train_loss']:.4f}, val loss {self.latest['val_loss']:.4f}")
+    self.report(step, state)
     if self.record is not None:
       self.record.write("eval", step, {"train_loss": self.latest["train_loss"], "val_loss": self.latest["val_loss"]})
     self.throughput.reset(step)
 
+  def report(self, step: int, state: TrainState) -> None:
+    """Evaluates and logs, without recording (a finished run's losses, recorded when it ran)."""
+    self.latest = {"step": step, **self.estimate(state.params)}
+    self.log(f"step {step}: train loss {self.latest['train_loss']:.4f}, val loss {self.latest['val_loss']:.4f}")
+
+
+def sample_prompt_ids(tok, prompt: str) -> list[int]:
+  """train.sample_prompt's token ids; empty: end-of-text, or a character model's first character."""
+  try:
+    ids = tokenizer_lib.encode_sequence(tok, prompt)
+  except UserError as e:
+    raise UserError(f"train.sample_prompt={prompt!r}: {e}") from None
+  return ids or [tok.eot_id if tok.eot_id is not None else 0]
+
 
 class SampleText:
-  """A sample from the model as it is (`sample_tokens` long, continuing `prompt_ids`), in the record."""
+  """A sample from the model as it is, in the record: `train.sample_tokens` long (cut at
+  end-of-text), at temperature 0.8, continuing `prompt_ids`. Single-process runs only: the sample
+  is gathered on one host."""
 
-  def __init__(self, cfg: Config, tok, mesh, run_record: record.Record, throughput: metrics_lib.Throughput):
-    self.cfg, self.tok, self.mesh, self.record, self.throughput = cfg, tok, mesh, run_record, throughput
-    self.prompt_ids = tokenizer_lib.encode_sequence(tok, cfg.train.sample_prompt) or \
-        ([tok.eot_id] if tok.eot_id is not None else [])
-    if not self.prompt_ids:
-      raise UserError("train.sample_prompt is empty and the tokenizer has no end-of-text to start from: give it text")
+  def __init__(self, cfg: Config, tok, prompt_ids: list[int], mesh, run_record: record.Record,
+               throughput: metrics_lib.Throughput):
+    self.cfg, self.tok, self.prompt_ids, self.mesh = cfg, tok, prompt_ids, mesh
+    self.record, self.throughput = run_record, throughput
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
-    tokens = sample.generate(self.cfg.model, state.params, np.asarray([self.prompt_ids], np.int32),
-                             max_new_tokens=self.cfg.train.sample_tokens, rng=jax.random.key(self.cfg.train.seed + step),
-                             temperature=0.8, eot_id=self.tok.eot_id, mesh=self.mesh)[0]
-    self.record.text(step, "sample", self.cfg.train.sample_prompt + self.tok.decode(list(tokens)))
+    tokens = list(sample.generate(self.cfg.model, state.params, np.asarray([self.prompt_ids], np.int32),
+                                  max_new_tokens=self.cfg.train.sample_tokens, temperature=0.8,
+                                  rng=jax.random.key(self.cfg.train.seed + step), eot_id=self.tok.eot_id, mesh=self.mesh)[0])
+    if self.tok.eot_id in tokens:
+      tokens = tokens[:tokens.index(self.tok.eot_id)]
+    self.record.text(step, "sample", self.cfg.train.sample_prompt + self.tok.decode(tokens))
     self.throughput.reset(step)
 
 

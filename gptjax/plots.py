@@ -11,6 +11,7 @@ Both read OUT_DIR/metrics.jsonl (`gptjax.record`).
 """
 
 import argparse
+import contextlib
 import os
 
 import matplotlib
@@ -49,9 +50,15 @@ def draw(runs: dict[str, list[dict]], path: str, title: str) -> None:
     ax.grid(alpha=0.3)
   by_step.legend(fontsize=8)
   tmp = f"{path}.tmp"
-  fig.savefig(tmp, dpi=DPI, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    fig.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)
+  except OSError:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+  finally:
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -63,5 +70,8 @@ def main(argv=None) -> None:
   if not args.output.lower().endswith(".png"):
     raise UserError(f"--output {args.output} does not end in .png")
   runs = {run: record.read_rows(run) for run in args.runs}
-  draw(runs, args.output, "loss" if len(runs) > 1 else f"loss of {args.runs[0]}")
+  try:
+    draw(runs, args.output, "loss" if len(runs) > 1 else f"loss of {args.runs[0]}")
+  except OSError as e:
+    raise UserError(f"cannot write {args.output}: {e.strerror}") from None
   print(f"{', '.join(args.runs)}: {args.output}")

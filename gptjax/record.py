@@ -6,18 +6,20 @@
 - OUT_DIR/tensorboard: TensorBoard event files, written with tensorboardX (no TensorFlow); a resumed
   run hides the events past its step. Open them with `tensorboard --logdir OUT_DIR/tensorboard`.
 - Weights & Biases, when train.wandb_project names a project (the `wandb` extra; off by default).
+  A resumed run continues the same W&B run, but W&B keeps only steps past the highest it has: the
+  steps a rewound run trains again are in the other two only.
 
 Only process 0 writes.
 """
 
 import contextlib
+import html
 import json
 import logging
 import os
 import pathlib
+import time
 import uuid
-
-import tensorboardX
 
 from gptjax import config as config_lib
 from gptjax.errors import SaveFailed
@@ -51,61 +53,94 @@ def stop_if_unwritable(what: str, step: int):
                      "before it are intact") from None
 
 
+class EventFile:
+  """TensorBoard events written at once, in this thread: tensorboardX's `EventsWriter` and summaries,
+  without `SummaryWriter`'s writer thread, so that a failing disk raises at the write (and nothing
+  waits on the queue of a writer that has died). Its first event hides the events from
+  `purge_step` on that earlier files hold, as `SummaryWriter(purge_step=)` does."""
+
+  def __init__(self, logdir: str, purge_step: int):
+    # Here, not at the top: tensorboardX's package imports torch where it is installed (a second).
+    from tensorboardX import event_file_writer, summary  # noqa: PLC0415
+    from tensorboardX.proto import event_pb2  # noqa: PLC0415
+    self.summary, self.event_pb2 = summary, event_pb2
+    os.makedirs(logdir, exist_ok=True)
+    # Named by the second and the host, as TensorBoard expects, and a random suffix: a file is opened
+    # for writing from its start, and a run resumed within the second must not write over its first part.
+    self.events = event_file_writer.EventsWriter(os.path.join(logdir, "events"), f".{uuid.uuid4().hex[:8]}")
+    self.events.write_event(event_pb2.Event(step=purge_step, file_version="brain.Event:2"))
+    self.events.write_event(event_pb2.Event(step=purge_step, session_log=event_pb2.SessionLog(
+        status=event_pb2.SessionLog.START)))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    for tag, value in values.items():  # NaN and inf are kept as they are
+      self._write(step, self.summary.scalar(tag, value))
+    self.events.flush()
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    markdown = "    " + text.replace("\n", "\n    ")  # indented: shown as written
+    self._write(step, self.summary.text(tag, markdown))
+    self.events.flush()
+
+  def _write(self, step: int, summary) -> None:
+    self.events.write_event(self.event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def close(self) -> None:
+    self.events.close()
+
+
 class Record:
   """Where the numbers a run logs go. `write(kind, step, values)`: a row, and each value as the
-  scalar `kind/name`; `text(step, tag, text)`: text (TensorBoard and W&B only)."""
+  scalar `kind/name`; `text(step, tag, text)`: text (TensorBoard and W&B only). A write that fails
+  stops the run with one line."""
 
   def __init__(self, cfg: config_lib.Config, start_step: int, resume: bool):
     t = cfg.train
     self.path = pathlib.Path(t.out_dir) / METRICS_FILE
     self.rows = [row for row in read_rows(t.out_dir) if row["step"] <= start_step] \
         if resume and self.path.is_file() else []
-    tmp = self.path.with_name(METRICS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
-    os.replace(tmp, self.path)
-    self.file = open(self.path, "a", encoding="utf-8")
     self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
     last = self.rows[-1] if self.rows else {"step": 0, "tokens": 0}
     self.start_step, self.start_tokens = start_step, last["tokens"] + (start_step - last["step"]) * self.tokens_per_step
-    self.tensorboard = self.wandb = None
-    if t.tensorboard:
-      self.tensorboard = tensorboardX.SummaryWriter(os.path.join(t.out_dir, "tensorboard"),
-                                                    purge_step=start_step + 1 if resume else None)
-    if t.wandb_project:
-      self.wandb = _start_wandb(cfg)
+    with stop_if_unwritable(f"the record in {t.out_dir}", start_step):
+      tmp = self.path.with_name(METRICS_FILE + ".tmp")
+      tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
+      os.replace(tmp, self.path)
+      self.file = open(self.path, "a", encoding="utf-8")
+      # A fresh run's too: a run that died before its first checkpoint may have left events.
+      self.tensorboard = EventFile(os.path.join(t.out_dir, "tensorboard"), start_step + 1) if t.tensorboard else None
+    self.wandb = _start_wandb(cfg) if t.wandb_project else None
 
   def tokens(self, step: int) -> int:
     """Tokens trained on by the end of `step` (this run's batch size since it started or resumed)."""
     return self.start_tokens + (step - self.start_step) * self.tokens_per_step
 
   def write(self, kind: str, step: int, values: dict) -> None:
-    row = {"kind": kind, "step": step, "tokens": self.tokens(step), **values}
+    row = {"kind": kind, "step": step, "tokens": self.tokens(step), "time": round(time.time(), 3), **values}
     self.rows.append(row)
     scalars = {f"{kind}/{name}": value for name, value in values.items()}
     with stop_if_unwritable(f"the record in {self.path.parent}", step):
       self.file.write(json.dumps(row) + "\n")
       self.file.flush()
       if self.tensorboard is not None:
-        for tag, value in scalars.items():
-          self.tensorboard.add_scalar(tag, value, step)  # NaN and inf are kept as they are
-        self.tensorboard.flush()
+        self.tensorboard.scalars(step, scalars)
     if self.wandb is not None:
       self.wandb.log(scalars, step=step)
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.tensorboard is not None:
       with stop_if_unwritable(f"the record in {self.path.parent}", step):
-        self.tensorboard.add_text(tag, "    " + text.replace("\n", "\n    "), step)  # Markdown: kept as written
-        self.tensorboard.flush()
+        self.tensorboard.text(step, tag, text)
     if self.wandb is not None:
-      self.wandb.log({tag: text}, step=step)
+      import wandb  # noqa: PLC0415 (an optional extra, imported by _start_wandb already)
+      self.wandb.log({tag: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
 
   def close(self) -> None:
     """Closes the files; a failure here was met, and reported, by a write before."""
-    with contextlib.suppress(OSError):
-      self.file.close()
-      if self.tensorboard is not None:
-        self.tensorboard.close()
+    for writer in (self.file, self.tensorboard):
+      with contextlib.suppress(OSError):
+        if writer is not None:
+          writer.close()
     if self.wandb is not None:
       self.wandb.finish()
 
@@ -117,8 +152,12 @@ def _start_wandb(cfg: config_lib.Config):
   except ImportError:
     raise UserError("train.wandb_project needs Weights & Biases: pip install 'gptjax[wandb]'") from None
   id_file = pathlib.Path(cfg.train.out_dir) / "wandb_id"
-  if not id_file.is_file():
-    id_file.write_text(uuid.uuid4().hex[:16])
-  return wandb.init(project=cfg.train.wandb_project, id=id_file.read_text().strip(), resume="allow",
-                    name=os.path.basename(os.path.normpath(cfg.train.out_dir)), dir=cfg.train.out_dir,
-                    config=config_lib.to_dict(cfg))
+  try:
+    if not id_file.is_file():
+      id_file.write_text(uuid.uuid4().hex[:16])
+    return wandb.init(project=cfg.train.wandb_project, id=id_file.read_text().strip(), resume="allow",
+                      name=os.path.basename(os.path.normpath(cfg.train.out_dir)), dir=cfg.train.out_dir,
+                      config=config_lib.to_dict(cfg))
+  except Exception as e:  # W&B raises its own types (no API key, no network) and OSError
+    raise UserError(f"Weights & Biases did not start ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                    "log in with `wandb login`, set WANDB_MODE=offline, or leave train.wandb_project empty") from None

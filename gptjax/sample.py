@@ -94,7 +94,7 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
   produced = []
   remaining = max_new_tokens
   done = np.arange(len(sequences)) >= n_samples  # padding rows are done from the start
-  bar = tqdm(total=max_new_tokens, unit="token", desc="sample", dynamic_ncols=True, disable=None if progress else True)
+  bar = tqdm(total=max_new_tokens, unit="token", desc="sample", dynamic_ncols=True, disable=None if progress and jax.process_index() == 0 else True)
   while remaining > 0 and not done.all():
     context = sequences if not produced else sequences[:, -(cfg.block_size // 2):]
     n_new = min(remaining, cfg.block_size - context.shape[1])

@@ -154,6 +154,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                                     fingerprint=prepared.fingerprint, name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
   tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
+  tok = tokenizer_lib.from_meta(meta["tokenizer"])
+  sample_prompt = hooks.sample_prompt_ids(tok, t.sample_prompt)  # checked before anything is written
   checkpoint.create_dir(t.out_dir, _checkpoint_bytes(cfg.model, tx))  # once the run is known sound: bad input writes nothing
 
   with lock.RunLock(t.out_dir, hold=jax.process_index() == 0):  # process 0 holds it for a multi-host run
@@ -169,7 +171,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
 
     throughput = metrics.Throughput(cfg, start_step)
     run_record = record.Record(cfg, start_step, resume) if jax.process_index() == 0 else None
-    if run_record is not None:
+    if run_record is not None and start_step < t.max_iters:
       run_record.write("memory", start_step, {f"{name.replace(' ', '_')}_mib": size / 2**20 for name, size in
                                               metrics.memory_per_device(steps.abstract, steps.shardings, steps.train).items()})
     evaluation = hooks.Evaluate(_loss_estimator(steps, splits, batch_args, mesh, t), log, throughput, run_record)
@@ -180,7 +182,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     loop_hooks = [
         hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps, run_record), every=(t.log_interval,)),
         hooks.Hook(evaluation, every=(t.eval_interval,)),
-        *([hooks.Hook(hooks.SampleText(cfg, tokenizer_lib.from_meta(meta["tokenizer"]), mesh, run_record, throughput),
+        *([hooks.Hook(hooks.SampleText(cfg, tok, sample_prompt, mesh, run_record, throughput),
                       every=(t.eval_interval,))] if sample_text else []),
         *([hooks.Hook(hooks.PlotLoss(run_record, t.out_dir), every=(t.eval_interval,))] if run_record else []),
         hooks.Hook(save, every=(t.checkpoint_interval,)),
@@ -192,7 +194,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     on_signal.install()
     try:
       if start_step >= t.max_iters:  # already done: report it
-        evaluation(start_step, state)
+        evaluation.report(start_step, state)
       profiler(start_step, state, {})  # train.profile=0:N starts before the first step
       for step in range(start_step, t.max_iters):
         inputs, targets = next(train_batches)

@@ -125,7 +125,10 @@ CASES = {
     "attention: prompt longer than the context": (["attention", "--checkpoint", "{run}", "--prompt", "x" * 40, "--output", "{new}"],
                                                   "the prompt is 40 tokens, more than the model's context of 32"),
     "plot: not a run": (["plot", "{inp}", "--output", "{new}.png"], "no metrics.jsonl in", "not the out_dir of a run"),
+    "plot: output in a missing folder": (["plot", "{run}", "--output", "{new}/loss.png"], "loss.png: No such file or directory"),
     "train: negative sample length": (train("train.sample_tokens=-1"), "train.sample_tokens=-1 is negative"),
+    "train: sample prompt outside the vocabulary": (train("train.sample_prompt=été"),
+                                                    "train.sample_prompt='été': character 'é' is not in the character vocabulary"),
 }
 
 

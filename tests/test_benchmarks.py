@@ -27,7 +27,7 @@ def table_rows(output: str, first_cell: str) -> list[list[str]]:
           if line.startswith(f"| {first_cell}")]
 
 
-@pytest.mark.slow  # 46 s; where_time_goes covers the benchmarks' tiny runs in the default suite
+@pytest.mark.slow  # 46 s; prepare_speed covers the benchmarks' tiny runs in the default suite
 def test_vs_transformers_prints_train_and_sampling_tables():
   output = run_benchmark("vs_transformers.py", "--tiny")
   (train,) = table_rows(output, "GPT-2 2x32")
@@ -47,6 +47,7 @@ def test_prepare_speed_prints_workers_against_the_tokenizer_limit():
   assert all(row[8].endswith("MiB") for row in rows[2:])
 
 
+@pytest.mark.slow  # 20 s; prepare_speed covers the benchmarks' tiny runs in the default suite
 def test_where_time_goes_prints_the_largest_operations():
   output = run_benchmark("where_time_goes.py", "--tiny")
   rows = table_rows(output, "")
@@ -86,3 +87,9 @@ def test_nnx_vs_linen_prints_its_tables():
   assert len(table_rows(output, "tiny (2x32, ctx 32, batch 12)")) == 1
   assert len(table_rows(output, "tiny (2x32, ctx 32), batch 1")) == 1
   assert len(table_rows(output, "2 layers")) == 1
+
+
+@pytest.mark.slow  # the suite's 15 minutes: run with -m ""
+def test_record_cost_prints_its_table():
+  output = run_benchmark("record_cost.py", "--tiny", "--rounds", 1)
+  assert len(table_rows(output, "train step")) == 1 and len(table_rows(output, "evaluation's")) == 2

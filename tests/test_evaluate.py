@@ -72,10 +72,8 @@ def test_perplexity_command_on_split_and_text(tiny_run, tmp_path):
   assert split.stderr == text.stderr == ""  # no progress bar off a terminal
 
 
-def test_long_commands_show_a_progress_bar_on_a_terminal(tiny_run):
+def test_a_long_command_shows_a_progress_bar_on_a_terminal(tiny_run):
   out_dir, _ = tiny_run
   status, stdout, shown = run_cli_on_terminal("perplexity", "--checkpoint", out_dir, "--split", "val", "--batch-size", 512)
   assert status == 0 and "perplexity" in stdout
   assert re.search(r"perplexity: +100%.*\| 6971/6971 \[.*window/s\]", shown), shown  # count, rate, time
-  status, stdout, shown = run_cli_on_terminal("sample", "--checkpoint", out_dir, "--max-new-tokens", 100, "--num-samples", 1)
-  assert status == 0 and re.search(r"sample: +100%.*\| 100/100 \[.*token/s\]", shown), shown

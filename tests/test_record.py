@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -69,9 +70,12 @@ def test_a_resume_that_rewinds_drops_the_record_past_its_checkpoint(tmp_path, ch
   assert scalars(events, "eval/val_loss") == {step: np.float32(loss) for step, loss in first.items()}
   assert sorted(scalars(events, "train/loss")) == [5, 10, 15, 20]
   check_loss_png(out / "loss.png")
-  json.dumps(record.read_rows(out))  # plain JSON values
+  train.train(cfg, resume=True, progress_bar=False, devices=jax.devices()[:1])  # finished: reports, adds nothing
+  assert [(row["kind"], row["step"]) for row in record.read_rows(out) if row["kind"] != "memory"] == steps
+  assert sorted(scalars(tensorboard_events(out), "eval/val_loss")) == [10, 20]
 
 
+@pytest.mark.slow  # 15 s for an optional extra
 def test_weights_and_biases_gets_the_same_values_offline(tmp_path, char_data, monkeypatch):
   monkeypatch.setenv("WANDB_MODE", "offline")  # written to OUT_DIR/wandb, for `wandb sync`; nothing is sent
   monkeypatch.setenv("WANDB_SILENT", "true")

@@ -116,8 +116,8 @@ class CausalSelfAttention(nnx.Module):
     B, T, H, K = q_BTHK.shape
     mask_TT = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
     stages = attention_stages(q_BTHK, k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3), mask_TT)
-    for name in ("scores", "masked", "weights"):
-      sow(self, name, stages[f"{name}_BGRTS"].reshape(B, H, T, T))
+    for name, stage in (("scores", "scores"), ("masked", "masked"), ("weights", "probs")):
+      sow(self, name, stages[f"{stage}_BGRTS"].reshape(B, H, T, T))
     y_BTHK = stages["y_BTGRK"].reshape(B, T, H, K)
     sow(self, "weighted_values", y_BTHK)
     sow(self, "heads_concatenated", y_BTHK.reshape(B, T, H * K))  # what c_proj contracts: (heads, head_dim) as one axis
@@ -149,17 +149,18 @@ def attend(q_BTHK, k_BGSK, v_BGSK, mask_TS):
 
 def attention_stages(q_BTHK, k_BGSK, v_BGSK, mask_TS) -> dict:
   """Every stage of `attend`: the queries grouped by the key/value head they share, the scaled
-  scores, the scores masked (-inf where the mask forbids), the softmax weights and the weighted
-  values; heads are [G, R] (query head h = g * R + r)."""
+  scores, the scores masked (-inf where the mask forbids), the softmax (float32, and as weights in
+  the values' dtype) and the weighted values; heads are [G, R] (query head h = g * R + r)."""
   B, T, H, K = q_BTHK.shape
   G = k_BGSK.shape[1]
   q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)  # R: the query heads that share a key/value head
   scores_BGRTS = jnp.einsum("btgrk,bgsk->bgrts", q_BTGRK, k_BGSK, preferred_element_type=jnp.float32) / math.sqrt(K)
   masked_BGRTS = jnp.where(mask_TS, scores_BGRTS, -jnp.inf)
-  weights_BGRTS = jax.nn.softmax(masked_BGRTS, axis=-1).astype(v_BGSK.dtype)
+  probs_BGRTS = jax.nn.softmax(masked_BGRTS, axis=-1)  # float32
+  weights_BGRTS = probs_BGRTS.astype(v_BGSK.dtype)
   y_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", weights_BGRTS, v_BGSK)
-  return dict(q_BTGRK=q_BTGRK, scores_BGRTS=scores_BGRTS, masked_BGRTS=masked_BGRTS, weights_BGRTS=weights_BGRTS,
-              y_BTGRK=y_BTGRK)
+  return dict(q_BTGRK=q_BTGRK, scores_BGRTS=scores_BGRTS, masked_BGRTS=masked_BGRTS, probs_BGRTS=probs_BGRTS,
+              weights_BGRTS=weights_BGRTS, y_BTGRK=y_BTGRK)
 
 
 def _attend_forward(q_BTHK, k_BGSK, v_BGSK, mask_TS):
