@@ -1,8 +1,10 @@
 """Periodic work hung on the training loop. A hook runs every N steps (for any of its intervals)
 and at the last step; the loop calls `run` after each step, in the order the hooks are listed.
 
-The standard hooks log the step's metrics, evaluate both splits, and save a checkpoint. Later
-work (metrics writers, preemption checks, profiling) hangs on here the same way.
+The standard hooks log the step's metrics (to the console and the run's record, `gptjax.record`),
+evaluate both splits, sample and redraw loss.png at each evaluation, save checkpoints (by steps and
+by time), and stop on a signal or a preemption notice; profiling (`gptjax.profile`) hangs on the
+same way.
 """
 
 import dataclasses
@@ -112,12 +114,13 @@ class SampleText:
     self.record, self.throughput = run_record, throughput
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
+    t = self.cfg.train
     tokens = list(sample.generate(self.cfg.model, state.params, np.asarray([self.prompt_ids], np.int32),
-                                  max_new_tokens=self.cfg.train.sample_tokens, temperature=0.8,
-                                  rng=jax.random.key(self.cfg.train.seed + step), eot_id=self.tok.eot_id, mesh=self.mesh)[0])
+                                  max_new_tokens=t.sample_tokens, temperature=0.8, rng=jax.random.key(t.seed + step),
+                                  eot_id=self.tok.eot_id, mesh=self.mesh)[0])
     if self.tok.eot_id in tokens:
       tokens = tokens[:tokens.index(self.tok.eot_id)]
-    self.record.text(step, "sample", self.cfg.train.sample_prompt + self.tok.decode(tokens))
+    self.record.text(step, "sample", t.sample_prompt + self.tok.decode(tokens))
     self.throughput.reset(step)
 
 

@@ -172,8 +172,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     throughput = metrics.Throughput(cfg, start_step)
     run_record = record.Record(cfg, start_step, resume) if jax.process_index() == 0 else None
     if run_record is not None and start_step < t.max_iters:
-      run_record.write("memory", start_step, {f"{name.replace(' ', '_')}_mib": size / 2**20 for name, size in
-                                              metrics.memory_per_device(steps.abstract, steps.shardings, steps.train).items()})
+      sizes = metrics.memory_per_device(steps.abstract, steps.shardings, steps.train)
+      run_record.write("memory", start_step, {f"{name.replace(' ', '_')}_mib": size / 2**20 for name, size in sizes.items()})
     evaluation = hooks.Evaluate(_loss_estimator(steps, splits, batch_args, mesh, t), log, throughput, run_record)
     save = hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput)
     on_signal = hooks.SaveOnSignal(save, resume_hint)
