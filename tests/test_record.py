@@ -42,7 +42,7 @@ def test_tensorboard_holds_what_the_run_logged(tiny_run):
   events = tensorboard_events(run)
   for kind, name, steps in (("train", "loss", [5, 10, 15, 20, 25, 30]), ("train", "lr", [5, 10, 15, 20, 25, 30]),
                             ("train", "grad_norm", [5, 30]), ("train", "tokens_per_s", [5, 30]),
-                            ("train", "skipped_steps", [5, 30]), ("eval", "train_loss", [15, 30]),
+                            ("train", "skipped_steps", [5, 30]), ("train", "mfu", [5, 30]), ("eval", "train_loss", [15, 30]),
                             ("eval", "val_loss", [15, 30]), ("memory", "host_peak_rss_mib", [5, 30])):
     logged, read = rows_of(run, kind, name), scalars(events, f"{kind}/{name}")
     assert set(steps) <= set(read) and set(read) == set(logged), (kind, name)
