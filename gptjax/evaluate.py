@@ -75,7 +75,8 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
   shards = sharding.batch_shards(mesh)
   batch_size = -(-batch_size // shards) * shards
   total_nll, total_count = 0.0, 0
-  bar = tqdm(total=len(windows), unit="window", desc="perplexity", dynamic_ncols=True, disable=None if progress and jax.process_index() == 0 else True)
+  bar = tqdm(total=len(windows), unit="window", desc="perplexity", dynamic_ncols=True,
+             disable=None if progress and jax.process_index() == 0 else True)  # None: only on a terminal
   for first in range(0, len(windows), batch_size):  # fixed [batch_size, block] shapes: one compile
     inputs = np.zeros((batch_size, block), np.int32)
     targets = np.zeros((batch_size, block), np.int32)

@@ -115,12 +115,10 @@ class SampleText:
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
     t = self.cfg.train
-    tokens = list(sample.generate(self.cfg.model, state.params, np.asarray([self.prompt_ids], np.int32),
-                                  max_new_tokens=t.sample_tokens, temperature=0.8, rng=jax.random.key(t.seed + step),
-                                  eot_id=self.tok.eot_id, mesh=self.mesh)[0])
-    if self.tok.eot_id in tokens:
-      tokens = tokens[:tokens.index(self.tok.eot_id)]
-    self.record.text(step, "sample", t.sample_prompt + self.tok.decode(tokens))
+    tokens = sample.generate(self.cfg.model, state.params, np.asarray([self.prompt_ids], np.int32),
+                             max_new_tokens=t.sample_tokens, temperature=0.8, rng=jax.random.key(t.seed + step),
+                             eot_id=self.tok.eot_id, mesh=self.mesh)[0]
+    self.record.text(step, "sample", sample.continuation(self.tok, t.sample_prompt, tokens))
     self.throughput.reset(step)
 
 

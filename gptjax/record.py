@@ -96,13 +96,13 @@ class Record:
 
   def __init__(self, cfg: config_lib.Config, start_step: int, resume: bool):
     t = cfg.train
-    self.path = pathlib.Path(t.out_dir) / METRICS_FILE
+    self.path, self.where = pathlib.Path(t.out_dir) / METRICS_FILE, f"the record in {t.out_dir}"
     self.rows = [row for row in read_rows(t.out_dir) if row["step"] <= start_step] \
         if resume and self.path.is_file() else []
     self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
     last = self.rows[-1] if self.rows else {"step": 0, "tokens": 0}
     self.start_step, self.start_tokens = start_step, last["tokens"] + (start_step - last["step"]) * self.tokens_per_step
-    with stop_if_unwritable(f"the record in {t.out_dir}", start_step):
+    with stop_if_unwritable(self.where, start_step):
       tmp = self.path.with_name(METRICS_FILE + ".tmp")
       tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
       os.replace(tmp, self.path)
@@ -119,7 +119,7 @@ class Record:
     row = {"kind": kind, "step": step, "tokens": self.tokens(step), "time": round(time.time(), 3), **values}
     self.rows.append(row)
     scalars = {f"{kind}/{name}": value for name, value in values.items()}
-    with stop_if_unwritable(f"the record in {self.path.parent}", step):
+    with stop_if_unwritable(self.where, step):
       self.file.write(json.dumps(row) + "\n")
       self.file.flush()
       if self.tensorboard is not None:
@@ -129,7 +129,7 @@ class Record:
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.tensorboard is not None:
-      with stop_if_unwritable(f"the record in {self.path.parent}", step):
+      with stop_if_unwritable(self.where, step):
         self.tensorboard.text(step, tag, text)
     if self.wandb is not None:
       import wandb  # noqa: PLC0415 (an optional extra, imported by _start_wandb already)

@@ -94,7 +94,8 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
   produced = []
   remaining = max_new_tokens
   done = np.arange(len(sequences)) >= n_samples  # padding rows are done from the start
-  bar = tqdm(total=max_new_tokens, unit="token", desc="sample", dynamic_ncols=True, disable=None if progress and jax.process_index() == 0 else True)
+  bar = tqdm(total=max_new_tokens, unit="token", desc="sample", dynamic_ncols=True,
+             disable=None if progress and jax.process_index() == 0 else True)  # None: only on a terminal
   while remaining > 0 and not done.all():
     context = sequences if not produced else sequences[:, -(cfg.block_size // 2):]
     n_new = min(remaining, cfg.block_size - context.shape[1])
@@ -109,6 +110,14 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
     bar.update(int(count))
   bar.close()
   return np.concatenate(produced, axis=1)[:n_samples] if produced else np.zeros((n_samples, 0), np.int32)
+
+
+def continuation(tok, prompt: str, tokens) -> str:
+  """The prompt's text and the generated tokens' up to end-of-text (which generation pads with)."""
+  tokens = list(tokens)
+  if tok.eot_id in tokens:
+    tokens = tokens[:tokens.index(tok.eot_id)]
+  return prompt + tok.decode(tokens)
 
 
 def check_sampling_args(vocab_size: int, *, temperature: float, top_k: int, top_p: float,
@@ -159,8 +168,5 @@ def main(argv=None) -> None:
                     rng=jax.random.key(args.seed), temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, eot_id=tok.eot_id, mesh=mesh, progress=True)
   for row in tokens:
-    row = list(row)
-    if tok.eot_id in row:
-      row = row[:row.index(tok.eot_id)]
-    print(args.prompt + tok.decode(row))
+    print(continuation(tok, args.prompt, row))
     print("---------------")
