@@ -1,4 +1,4 @@
-"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert,explain,attention,plot} ...
+"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert,explain,attention,plot,lower} ...
 
 Bad input (a `UserError`) is printed as one line, `gptjax: error: ...`, with exit status 2.
 """
@@ -22,6 +22,7 @@ COMMANDS = {
     "explain": "gptjax.explain",
     "attention": "gptjax.attention_maps",
     "plot": "gptjax.plots",
+    "lower": "gptjax.lower",
 }
 
 

@@ -22,6 +22,8 @@ from gptjax.errors import UserError
 # Activation rematerialisation in the backward pass: nothing saved inside a block ("full"), only the
 # outputs of the weight matmuls saved ("save_dots": attention scores, norms and GELUs recomputed).
 REMAT_POLICIES = ("none", "full", "save_dots")
+# Training attention (gptjax.model.kernels): auto, or one kernel by name.
+ATTENTION_KERNELS = ("auto", "cudnn", "splash", "xla", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +41,10 @@ class ModelConfig:
   # The blocks as one lax.scan over their stacked parameters: compile time flat in depth (48 layers
   # compile 6x faster), but a loop over them trains 17-31% faster on CPU (benchmarks/RESULTS.md).
   scan_layers: bool = False
-  # Training attention: xla (jax.nn.dot_product_attention's XLA path: one [T, T] masked softmax),
-  # blocked (query blocks that skip the keys above the diagonal: 2x faster on CPU), or auto (cuDNN's
-  # fused kernel on GPUs where it applies, else XLA's; blocked on CPU).
+  # Training attention (and the prompt pass of sampling): cudnn (cuDNN's fused kernel, NVIDIA GPUs,
+  # bfloat16), splash (Pallas splash attention, TPUs), xla (one [T, T] masked softmax), blocked (query
+  # blocks that skip the keys above the diagonal: 2x faster on CPU), or auto: cudnn on GPUs and splash
+  # on TPUs where they apply, else xla; blocked on CPU (gptjax.model.kernels).
   attention: str = "auto"
   # The Llama / Qwen family, as options of the one model; the defaults are GPT-2's.
   positions: str = "learned"  # learned (a position table) or rope (rotary, applied to queries and keys)
@@ -259,7 +262,7 @@ def validate(cfg: Config) -> Config:
       (m.positions == "learned" or m.n_head <= 0 or m.head_size % 2 == 0,
        "rotary positions need an even head dimension"),
       (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} is not in [0, 1)"),
-      (m.attention in ("auto", "xla", "blocked"), f"model.attention={m.attention!r} is not auto, xla or blocked"),
+      (m.attention in ATTENTION_KERNELS, f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}"),
       (m.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={m.dtype!r} is not auto, float32 or bfloat16"),
       (m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)} "
                                   "(what was model.remat=true is now full)"),

@@ -4,7 +4,8 @@
     gptjax sample --checkpoint out/gpt2 --prompt "Hello" --temperature 0.8 --top-k 200 --top-p 0.95
     gptjax sample --checkpoint out/big --prompt "Hello" mesh.fsdp=8     # parameters split over 8 devices
 
-The prompt runs through the model once to fill the cache; each new token then costs one
+The prompt runs through the model once to fill the cache, with the training attention kernel
+(`model.attention`: cuDNN's on GPUs, splash on TPUs); each new token then costs one
 single-position forward pass. The cache holds the prompt and the new tokens, not the whole
 context, and only the last position goes through the LM head. Generation runs inside one compiled
 `lax.while_loop` and stops when every sample has produced end-of-text. A model with learned positions sees at most `block_size`
@@ -58,7 +59,7 @@ def _generate_chunk(params, context, finished, rng, *, cfg: ModelConfig, n_new: 
   batch = context.shape[0]
 
   layers = model.layer_params()  # sliced once, outside the loop
-  logits, cache = model.decode(context, model.init_cache(batch, context.shape[1] + n_new), layers)  # [B, V]
+  logits, cache = model.prefill(context, context.shape[1] + n_new, layers)  # [B, V]
 
   def keep_going(carry):
     i, _, _, _, done, _ = carry

@@ -107,7 +107,7 @@ def logical_to_spec(names: tuple, rules=LOGICAL_AXIS_RULES) -> P:
   return P(*spec)
 
 
-def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+def fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   """`spec` without the mesh axes of any dimension they do not divide."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -118,7 +118,7 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 def param_shardings(shapes, names, mesh: Mesh):
   """Parameters' ShapeDtypeStructs and logical axis names (same tree) -> NamedShardings."""
-  return jax.tree.map(lambda x, n: NamedSharding(mesh, _fit(logical_to_spec(n), x.shape, mesh)), shapes, names)
+  return jax.tree.map(lambda x, n: NamedSharding(mesh, fit(logical_to_spec(n), x.shape, mesh)), shapes, names)
 
 
 def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:

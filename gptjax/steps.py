@@ -89,9 +89,12 @@ class Steps:
   shardings: TrainState
 
 
-def compile_steps(cfg: config_lib.Config, tx, schedule, mesh) -> Steps:
+def lower_steps(cfg: config_lib.Config, tx, schedule, mesh, platform: str | None = None):
+  """(train step, eval step) lowered over `mesh` for `platform` (default: its devices'), with the
+  abstract state and its shardings. Lowering for another platform needs `model.lowering_for` too."""
   abstract, shardings = state_shardings(cfg.model, tx, mesh)
   batches = sharding.batch_sharding(mesh)
+  platforms = None if platform is None else (platform,)
 
   def batch_spec(accum):
     return jax.ShapeDtypeStruct((accum, cfg.train.batch_size, cfg.model.block_size), jnp.int32, sharding=batches)
@@ -101,12 +104,18 @@ def compile_steps(cfg: config_lib.Config, tx, schedule, mesh) -> Steps:
         make_train_step(cfg.model, tx, schedule, cfg.train.seed),
         in_shardings=(shardings, batches, batches), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-    ).lower(abstract, batch_spec(cfg.train.grad_accum_steps), batch_spec(cfg.train.grad_accum_steps)).compile()
+    ).trace(abstract, batch_spec(cfg.train.grad_accum_steps), batch_spec(cfg.train.grad_accum_steps))
     eval_step = jax.jit(
         make_eval_step(cfg.model), in_shardings=(shardings.params, batches, batches),
         out_shardings=sharding.replicated(mesh),
-    ).lower(abstract.params, batch_spec(1), batch_spec(1)).compile()
-  return Steps(train_step, eval_step, abstract, shardings)
+    ).trace(abstract.params, batch_spec(1), batch_spec(1))
+    return (train_step.lower(lowering_platforms=platforms), eval_step.lower(lowering_platforms=platforms),
+            abstract, shardings)
+
+
+def compile_steps(cfg: config_lib.Config, tx, schedule, mesh) -> Steps:
+  train_step, eval_step, abstract, shardings = lower_steps(cfg, tx, schedule, mesh)
+  return Steps(train_step.compile(), eval_step.compile(), abstract, shardings)
 
 
 def init_state(cfg: config_lib.ModelConfig, tx, shardings: TrainState, seed: int) -> TrainState:

@@ -28,6 +28,7 @@ from gptjax import sharding
 from gptjax import steps as steps_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
+from gptjax.model import kernels
 from gptjax.steps import TrainState
 
 EXECUTION_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention")  # how a run computes, not what it learns
@@ -147,6 +148,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     raise UserError(f"train.batch_size={t.batch_size} is not divisible by data*fsdp={sharding.batch_shards(mesh)}")
   manager = checkpoint.open_manager(t.out_dir, keep=t.keep_checkpoints, create=False)
   cfg, resume_step, source_step = resolve_run(cfg, manager, resume, meta)
+  attention = kernels.report(cfg.model, cfg.model.block_size)  # an explicit kernel that cannot run stops here
   batch_args = dict(batch_size=t.batch_size, block_size=cfg.model.block_size, weights=prepared.weights,
                     process_index=jax.process_index(), process_count=jax.process_count())
   splits = prepared.splits
@@ -166,6 +168,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     bar = tqdm(total=t.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
                disable=None if progress_bar and jax.process_index() == 0 else True)  # None: only on a terminal
     log(_start_line(cfg, steps, mesh, start_step, resume))
+    log(attention)
     log(metrics.memory_report(steps.abstract, steps.shardings, steps.train))
     log(metrics.kv_cache_report(cfg.model))
 

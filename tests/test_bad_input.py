@@ -62,7 +62,9 @@ CASES = {
     "negative peak FLOP/s": (train("train.peak_flops_per_device=-1"), "train.peak_flops_per_device=-1.0 is negative"),
     "profile steps reversed": (train("train.profile=5:3"), "train.profile='5:3' is not START:END with 0 <= START < END"),
     "profile not steps": (train("train.profile=10"), "train.profile='10' is not START:END"),
-    "unknown attention": (train("model.attention=flash"), "model.attention='flash' is not auto, xla or blocked"),
+    "unknown attention": (train("model.attention=flash"), "model.attention='flash' is not one of auto, cudnn, splash, xla, blocked"),
+    "a GPU's attention kernel on a CPU": (train("model.attention=cudnn"),
+                                         "model.attention=cudnn cannot run here: cuDNN's fused attention needs an NVIDIA GPU"),
     "negative process count": (train("distributed.num_processes=-2"), "distributed.num_processes=-2 is negative"),
     "override without =": (train("train.max_iters"), "bad override 'train.max_iters': expected section.field=value"),
     "a section set to a value": (train("train=3"), "bad override 'train=3': expected section.field=value"),
@@ -95,6 +97,12 @@ CASES = {
     "init_from nothing": (train("train.init_from={inp}/none"), "no checkpoint in"),
     "init_from another tokenizer": (train("data.dir={inp}/abc", "train.out_dir={new}", "train.init_from={run}"),
                                     "was prepared with another tokenizer (char, 4 characters)", "(char, 77 characters)"),
+    # lower
+    "lower: splash at a context not a multiple of 128": (["lower", "shakespeare_char_cpu", "--platform", "tpu",
+                                                          "model.attention=splash", "train.batch_size=8"],
+                                                         "splash attention needs a sequence length that is a multiple of 128, not 64"),
+    "lower: no devices": (["lower", "gpt2_124m", "--platform", "cuda", "--devices", "0"], "--devices=0 is not positive"),
+    "lower: an unknown platform": (["lower", "gpt2_124m", "--platform", "rocm"], "argument --platform: invalid choice: 'rocm'"),
     # sample
     "sample: no checkpoint": (["sample", "--checkpoint", "{inp}/none"], "no checkpoint in"),
     "sample: unknown flag": ([*SAMPLE, "--temprature", "1"], "unrecognized arguments"),

@@ -138,3 +138,14 @@ def test_blocked_causal_attention_equals_the_full_masked_softmax(block_size, n_k
   (xla_loss, xla_grads), (blocked_loss, blocked_grads) = (_loss_and_grads(c, params, tokens) for c in (xla, blocked))
   np.testing.assert_allclose(blocked_loss, xla_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), blocked_grads, xla_grads)
+
+
+def test_bfloat16_logits_are_float32_and_near_float32s():
+  params = _params()
+  tokens = jax.random.randint(jax.random.key(4), (2, CFG.block_size), 0, CFG.vocab_size)
+  bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+  logits = _logits(bf16, params, tokens)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, _logits(CFG, params, tokens), atol=0.05)
+  _, grads = _loss_and_grads(bf16, params, tokens)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {np.dtype("float32")}

@@ -32,6 +32,15 @@ def test_training_lowers_the_loss(tmp_path, char_data):
   assert result["val_loss"] < np.log(77) - 1.0
 
 
+def test_bfloat16_trains_on_a_cpu_mesh_with_float32_parameters_and_state(tmp_path, char_data, capsys):
+  cfg = tiny_config(tmp_path, f"data.dir={char_data}", "train.max_iters=60", "train.eval_iters=8", "model.dtype=bfloat16",
+                    "optim.learning_rate=3e-3", "optim.min_lr=3e-4", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  result, state = train.train(cfg, progress_bar=False, devices=jax.devices()[:8])
+  assert result["val_loss"] < np.log(77) - 1.0
+  assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if x.ndim} == {np.dtype("float32")}
+  assert "attention: blocked (auto on cpu); matmuls in bfloat16" in capsys.readouterr().out
+
+
 def test_resume_continues_exactly(tmp_path, char_data):
   """8 steps straight == 4 steps, stop, --resume, 4 more: same losses, same parameters, bit for bit."""
   common = [f"data.dir={char_data}", "train.checkpoint_interval=4", "train.eval_interval=4",

@@ -13,11 +13,11 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.model.attention import KVCache
-from gptjax.model.layers import compute_dtype, logical_axes
+from gptjax.model.layers import compute_dtype, logical_axes, lowering_for, platform
 from gptjax.model.transformer import GPT
 
 __all__ = ["GPT", "KVCache", "init_params", "abstract_params", "bind", "compute_dtype", "count_params", "flops_per_token",
-           "forward_with_intermediates"]
+           "forward_with_intermediates", "lowering_for", "platform"]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
@@ -26,20 +26,23 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
 
 
 @functools.cache
-def _abstract(cfg: ModelConfig):
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+def _abstract(cfg: ModelConfig, target: str):
+  """The model's static graph (its layers' dtypes follow `target`'s: see `layers.compute_dtype`),
+  made outside any mesh: `gptjax.sharding` places the parameters, not NNX."""
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
   return graphdef, nnx.to_pure_dict(state), logical_axes(state)
 
 
 def abstract_params(cfg: ModelConfig) -> tuple[dict, dict]:
   """(ShapeDtypeStructs, logical axis names) of the parameters, as pure dicts; no memory used."""
-  _, shapes, names = _abstract(cfg)
+  _, shapes, names = _abstract(cfg, platform())
   return shapes, names
 
 
 def bind(cfg: ModelConfig, params: dict) -> GPT:
   """The model with `params` (arrays or tracers) in place, for calling inside a jitted function."""
-  return nnx.merge(_abstract(cfg)[0], params)
+  return nnx.merge(_abstract(cfg, platform())[0], params)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

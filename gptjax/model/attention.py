@@ -6,10 +6,9 @@ GPT-2's [embd, 3 * embd] and [embd, embd] matrices. With fewer key/value heads t
 (grouped-query attention, `model.n_kv_head`) the queries and the keys/values have projections of
 their own (q_attn [embd, heads, head_dim], kv_attn [embd, 2, kv_heads, head_dim]), and the cache
 holds only the key/value heads. Queries and keys are RMS-normalised per head (Qwen3) and rotated
-(rotary positions) where configured. Training attention (`model.attention`) is one
-`jax.nn.dot_product_attention` call on accelerators, which can use cuDNN's fused kernel on GPUs,
-and on CPU `causal_attend`: blocks of queries that skip the keys above the diagonal, with
-FlashAttention's gradient. Generation attends over the cache, which keeps
+(rotary positions) where configured. Training, evaluation and the prompt pass of sampling attend
+with the kernel `model.attention` chooses (`gptjax.model.kernels`: cuDNN's fused kernel on GPUs,
+splash attention on TPUs, query blocks on CPUs). Generation attends over the cache, which keeps
 each head's positions contiguous ([.., kv_heads, S, head_dim]) so that the two matmuls read it as
 it lies: in the layout of training's attention, XLA copied the whole cache of every layer into
 that layout for each new token (a third of the time per token on CPU).
@@ -24,7 +23,9 @@ from flax import struct
 
 from gptjax import sharding
 from gptjax.config import ModelConfig
+from gptjax.model import kernels
 from gptjax.model import rotary
+from gptjax.model.kernels.blocked import attend, attention_stages
 from gptjax.model.layers import axes, capturing, compute_dtype, norm, sow
 
 
@@ -81,34 +82,37 @@ class CausalSelfAttention(nnx.Module):
       sow(self, "queries_rotated", q_BTHK), sow(self, "keys_rotated", k_BTGK)
     return q_BTHK, k_BTGK, v_BTGK
 
-  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None):
+  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False):
     """-> (output [B, T, embd], the cache with this call's keys and values written into layer
-    `layer`'s arrays at positions [length, length + T); None without a cache)."""
+    `layer`'s arrays at positions [length, length + T); None without a cache). `prefill`: the
+    cache is empty, so the tokens attend among themselves with the training kernel."""
     q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, 0 if cache is None else cache.length)
     if cache is not None:
-      y_BTHK, cache = self._attend_cached(q_BTHK, k_BTGK, v_BTGK, cache, layer)
+      cache = self._write(k_BTGK, v_BTGK, cache, layer)
+    if cache is not None and not prefill:
+      y_BTHK = self._attend_cached(q_BTHK, cache, layer)
     elif capturing(self):
       y_BTHK = self._attend_captured(q_BTHK, k_BTGK, v_BTGK)
-    elif self.cfg.attention == "blocked" or (self.cfg.attention == "auto" and jax.default_backend() == "cpu"):
-      y_BTHK = causal_attend(q_BTHK, k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3))
-    else:  # cuDNN's fused kernel where it applies ("auto" on GPUs), else XLA's
-      y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=True,
-                                            implementation="xla" if self.cfg.attention == "xla" else None)
+    else:
+      y_BTHK = kernels.causal_attention(q_BTHK, k_BTGK, v_BTGK, self.cfg)
     y_BTD = self.c_proj(y_BTHK)
     sow(self, "output", y_BTD)
     return self.dropout(y_BTD, deterministic=dropout_key is None, rngs=dropout_key), cache
 
-  def _attend_cached(self, q_BTHK, k_BTGK, v_BTGK, cache: KVCache, layer):
-    """Writes the new keys and values at cache.length, then attends over the whole cache; keys past
-    each query's position (unwritten ones too) are masked."""
+  def _write(self, k_BTGK, v_BTGK, cache: KVCache, layer) -> KVCache:
+    """The cache with the new keys and values written into layer `layer`'s arrays at cache.length."""
     at = (0, 0, cache.length, 0)
     k_BGSK, v_BGSK = (jax.lax.dynamic_update_slice(stored[layer], new.transpose(0, 2, 1, 3).astype(stored[layer].dtype), at)
                       for stored, new in ((cache.key, k_BTGK), (cache.value, v_BTGK)))
-    cache = cache.replace(key=(*cache.key[:layer], k_BGSK, *cache.key[layer + 1:]),
-                          value=(*cache.value[:layer], v_BGSK, *cache.value[layer + 1:]))
-    query_pos_T = cache.length + jnp.arange(q_BTHK.shape[1])
-    return attend(q_BTHK, k_BGSK, v_BGSK, jnp.arange(k_BGSK.shape[2])[None, :] <= query_pos_T[:, None]), cache
+    return cache.replace(key=(*cache.key[:layer], k_BGSK, *cache.key[layer + 1:]),
+                         value=(*cache.value[:layer], v_BGSK, *cache.value[layer + 1:]))
 
+  def _attend_cached(self, q_BTHK, cache: KVCache, layer):
+    """The queries over layer `layer`'s whole cache (already holding their own keys); keys past
+    each query's position (unwritten ones too) are masked."""
+    k_BGSK, v_BGSK = cache.key[layer], cache.value[layer]
+    query_pos_T = cache.length + jnp.arange(q_BTHK.shape[1])
+    return attend(q_BTHK, k_BGSK, v_BGSK, jnp.arange(k_BGSK.shape[2])[None, :] <= query_pos_T[:, None])
 
   def _attend_captured(self, q_BTHK, k_BTGK, v_BTGK):
     """`attend`'s computation over the whole causal mask, keeping its stages (per query head,
@@ -122,64 +126,3 @@ class CausalSelfAttention(nnx.Module):
     sow(self, "weighted_values", y_BTHK)
     sow(self, "heads_concatenated", y_BTHK.reshape(B, T, H * K))  # what c_proj contracts: (heads, head_dim) as one axis
     return y_BTHK
-
-
-def causal_attend(q_BTHK, k_BGTK, v_BGTK):
-  """Causal attention in blocks of queries, each over the keys up to its last position: the
-  blocks above the diagonal, half the scores, are never computed. Four to eight blocks; on CPU
-  this is twice as fast as attending with the full [T, T] mask (benchmarks/RESULTS.md)."""
-  T = q_BTHK.shape[1]
-  block = max(16, min(128, T // 4))
-  outputs = []
-  for start in range(0, T, block):
-    end = min(start + block, T)
-    mask_QS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-    outputs.append(attend(q_BTHK[:, start:end], k_BGTK[:, :, :end], v_BGTK[:, :, :end], mask_QS))
-  return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
-
-
-@jax.custom_vjp
-def attend(q_BTHK, k_BGSK, v_BGSK, mask_TS):
-  """Softmax attention as two einsums: queries [B, T, heads, head_dim] over keys and values
-  [B, kv_heads, S, head_dim] where mask [T, S] allows -> [B, T, heads, head_dim]. Scores and
-  softmax in float32. Its gradient is FlashAttention's: the softmax's row sums come from the
-  output and its gradient ([T, head_dim]), not from the [T, S] weights."""
-  return _attend_forward(q_BTHK, k_BGSK, v_BGSK, mask_TS)[0]
-
-
-def attention_stages(q_BTHK, k_BGSK, v_BGSK, mask_TS) -> dict:
-  """Every stage of `attend`: the queries grouped by the key/value head they share, the scaled
-  scores, the scores masked (-inf where the mask forbids), the softmax (float32, and as weights in
-  the values' dtype) and the weighted values; heads are [G, R] (query head h = g * R + r)."""
-  B, T, H, K = q_BTHK.shape
-  G = k_BGSK.shape[1]
-  q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)  # R: the query heads that share a key/value head
-  scores_BGRTS = jnp.einsum("btgrk,bgsk->bgrts", q_BTGRK, k_BGSK, preferred_element_type=jnp.float32) / math.sqrt(K)
-  masked_BGRTS = jnp.where(mask_TS, scores_BGRTS, -jnp.inf)
-  probs_BGRTS = jax.nn.softmax(masked_BGRTS, axis=-1)  # float32
-  weights_BGRTS = probs_BGRTS.astype(v_BGSK.dtype)
-  y_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", weights_BGRTS, v_BGSK)
-  return dict(q_BTGRK=q_BTGRK, scores_BGRTS=scores_BGRTS, masked_BGRTS=masked_BGRTS, probs_BGRTS=probs_BGRTS,
-              weights_BGRTS=weights_BGRTS, y_BTGRK=y_BTGRK)
-
-
-def _attend_forward(q_BTHK, k_BGSK, v_BGSK, mask_TS):
-  stages = attention_stages(q_BTHK, k_BGSK, v_BGSK, mask_TS)
-  q_BTGRK, weights_BGRTS, y_BTGRK = stages["q_BTGRK"], stages["weights_BGRTS"], stages["y_BTGRK"]
-  return y_BTGRK.reshape(q_BTHK.shape), (q_BTGRK, k_BGSK, v_BGSK, weights_BGRTS, y_BTGRK)
-
-
-def _attend_backward(saved, dy_BTHK):
-  q_BTGRK, k_BGSK, v_BGSK, weights_BGRTS, y_BTGRK = saved
-  dy_BTGRK = dy_BTHK.reshape(y_BTGRK.shape)
-  dv_BGSK = jnp.einsum("bgrts,btgrk->bgsk", weights_BGRTS, dy_BTGRK)
-  dweights_BGRTS = jnp.einsum("btgrk,bgsk->bgrts", dy_BTGRK, v_BGSK, preferred_element_type=jnp.float32)
-  rowsum_BGRT = jnp.einsum("btgrk,btgrk->bgrt", dy_BTGRK, y_BTGRK, preferred_element_type=jnp.float32)
-  dscores_BGRTS = (weights_BGRTS * (dweights_BGRTS - rowsum_BGRT[..., None]) / math.sqrt(q_BTGRK.shape[-1]))
-  dscores_BGRTS = dscores_BGRTS.astype(q_BTGRK.dtype)
-  dq_BTGRK = jnp.einsum("bgrts,bgsk->btgrk", dscores_BGRTS, k_BGSK)
-  dk_BGSK = jnp.einsum("bgrts,btgrk->bgsk", dscores_BGRTS, q_BTGRK)
-  return dq_BTGRK.reshape(dy_BTHK.shape), dk_BGSK, dv_BGSK, None
-
-
-attend.defvjp(_attend_forward, _attend_backward)

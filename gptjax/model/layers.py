@@ -6,16 +6,44 @@ device mesh with one rules table and places the arrays itself, so NNX's own eage
 is switched off.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
 
+_lowering_target: list[str] = []  # set by `lowering_for`
 
-def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+
+def platform() -> str:
+  """The platform the model is traced for: cpu, cuda, rocm or tpu (this process's devices', or
+  the target of `lowering_for`). It decides `dtype=auto` and `attention=auto`."""
+  if _lowering_target:
+    return _lowering_target[-1]
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return backend
+  return "rocm" if "rocm" in getattr(jax.devices()[0].client, "platform_version", "").lower() else "cuda"
+
+
+@contextlib.contextmanager
+def lowering_for(target: str):
+  """Traces inside are for `target` (cuda, tpu, ...), not this machine's devices: for lowering a
+  step for hardware that is not here (`gptjax lower`)."""
+  _lowering_target.append(target)
+  try:
+    yield
+  finally:
+    _lowering_target.pop()
+
+
+def compute_dtype(cfg: ModelConfig, target: str | None = None) -> jnp.dtype:
+  """The matmuls' dtype: model.dtype, where auto is float32 on a CPU and bfloat16 elsewhere.
+  Parameters, norms' statistics, softmax, the LM head's output and the loss stay float32."""
   if cfg.dtype == "auto":
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.float32 if (target or platform()) == "cpu" else jnp.bfloat16
   return jnp.dtype(cfg.dtype)
 
 
@@ -52,3 +80,27 @@ def norm(cfg: ModelConfig, size: int | None = None, axis: str = "embed", *, rngs
                        scale_metadata=axes(axis), rngs=rngs)
   return nnx.LayerNorm(size, epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, dtype=compute_dtype(cfg),
                        scale_metadata=axes(axis), bias_metadata=axes(axis), rngs=rngs)
+
+
+@jax.custom_vjp
+def float32_logits(x_BTD, table_VD):
+  """x [B, T, embd] times the head's table [vocab, embd] (inputs in the compute dtype) -> float32
+  logits [B, T, vocab], accumulated in float32. Its gradient casts the logits' float32 gradient to
+  the inputs' dtype before its two matmuls (float32 accumulation): left to JAX, the largest
+  matmuls of the backward pass would run in float32."""
+  return jnp.einsum("btd,vd->btv", x_BTD, table_VD, preferred_element_type=jnp.float32)
+
+
+def _float32_logits_forward(x_BTD, table_VD):
+  return float32_logits(x_BTD, table_VD), (x_BTD, table_VD)
+
+
+def _float32_logits_backward(saved, dlogits_BTV):
+  x_BTD, table_VD = saved
+  dlogits_BTV = dlogits_BTV.astype(x_BTD.dtype)
+  dx_BTD = jnp.einsum("btv,vd->btd", dlogits_BTV, table_VD, preferred_element_type=jnp.float32)
+  dtable_VD = jnp.einsum("btv,btd->vd", dlogits_BTV, x_BTD, preferred_element_type=jnp.float32)
+  return dx_BTD.astype(x_BTD.dtype), dtable_VD.astype(table_VD.dtype)
+
+
+float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)

@@ -26,7 +26,7 @@ from flax import nnx
 from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model.attention import CausalSelfAttention, KVCache
-from gptjax.model.layers import axes, capturing, compute_dtype, norm, sow
+from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, sow
 from gptjax.model.mlp import MLP
 
 RESIDUAL_AXES = ("batch", "sequence", "embed")  # the residual stream [B, T, embd]
@@ -46,11 +46,11 @@ class Block(nnx.Module):
     self.ln_2 = norm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None):
+  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False):
     attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     normed_BTD = self.ln_1(x_BTD)
     sow(self, "ln_1", normed_BTD)
-    h_BTD, cache = self.attn(normed_BTD, cache, layer, attn_key)
+    h_BTD, cache = self.attn(normed_BTD, cache, layer, attn_key, prefill)
     x_BTD = x_BTD + h_BTD
     sow(self, "attention_residual", x_BTD)
     normed_BTD = self.ln_2(x_BTD)
@@ -107,14 +107,20 @@ class GPT(nnx.Module):
     stacked = nnx.state(self.h)
     return [jax.tree.map(lambda x: x[i], stacked) for i in range(self.cfg.n_layer)]
 
-  def decode(self, tokens_BT, cache: KVCache, layers: list[nnx.State] | None = None):
+  def prefill(self, tokens_BT, cache_length: int, layers: list[nnx.State] | None = None):
+    """A prompt [B, T] -> (the next token's logits [B, vocab], a cache of `cache_length` positions
+    holding the prompt's keys and values). The prompt attends with the training kernel
+    (`model.attention`), as `__call__` does; `decode` then extends the cache."""
+    return self.decode(tokens_BT, self.init_cache(tokens_BT.shape[0], cache_length), layers, prefill=True)
+
+  def decode(self, tokens_BT, cache: KVCache, layers: list[nnx.State] | None = None, prefill: bool = False):
     """tokens [B, T] continue the cached sequence -> (the next token's logits [B, vocab], the
     extended cache). Only the last position goes through the LM head. The caller keeps
     cache.length + T within the cache and block_size (`gptjax.sample` restarts the cache before)."""
-    logits_B1V, cache = self._forward(tokens_BT, cache, None, layers)
+    logits_B1V, cache = self._forward(tokens_BT, cache, None, layers, prefill)
     return logits_B1V[:, 0], cache.replace(length=cache.length + tokens_BT.shape[1])
 
-  def _forward(self, tokens_BT, cache: KVCache | None, dropout_key, layers=None):
+  def _forward(self, tokens_BT, cache: KVCache | None, dropout_key, layers=None, prefill: bool = False):
     """-> (logits [B, T, vocab] without a cache, or of the last position [B, 1, vocab] with one; the cache)."""
     cfg = self.cfg
     start = 0 if cache is None else cache.length
@@ -135,15 +141,22 @@ class GPT(nnx.Module):
     else:  # generation: blocks unrolled, each with its own weights and cache; the next token's logits only
       graphdef = nnx.graphdef(self.h)
       for i, params in enumerate(layers or self.layer_params()):
-        x_BTD, cache = nnx.merge(graphdef, params)(x_BTD, cache, i, None)
+        x_BTD, cache = nnx.merge(graphdef, params)(x_BTD, cache, i, None, prefill)
       x_BTD = x_BTD[:, -1:]
     x_BTD = self.ln_f(x_BTD)
     sow(self, "ln_f", x_BTD)
-    logits_BTV = (self.wte.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)).astype(jnp.float32)
+    logits_BTV = self._head(x_BTD)
     if cfg.padded_vocab > cfg.vocab_size:  # padding rows: never sampled, never part of a softmax
       logits_BTV = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits_BTV, jnp.finfo(jnp.float32).min)
     sow(self, "logits", logits_BTV)
     return sharding.constrain(logits_BTV, ("batch", "sequence", "vocab")), cache
+
+  def _head(self, x_BTD):
+    """The LM head: [B, T, embd] -> float32 logits [B, T, vocab]; the matmul's inputs in the compute
+    dtype, its accumulation and output in float32 (a bfloat16 output would round every logit)."""
+    dtype = compute_dtype(self.cfg)
+    table_VD = self.wte.embedding[...] if self.cfg.tie_embeddings else self.lm_head.kernel[...].T
+    return float32_logits(x_BTD.astype(dtype), table_VD.astype(dtype))
 
   def _blocks(self, x_BTD, layer_keys):
     """Runs the stacked blocks in order (training and evaluation); layer_keys (or None) has a leading layer axis."""

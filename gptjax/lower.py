@@ -1,0 +1,222 @@
+"""Lower a config's steps for a GPU or TPU without one: what would run there, read from here.
+
+    gptjax lower gpt2_124m --platform cuda --devices 8
+    gptjax lower llama3_2_1b --platform tpu --devices 8 mesh.fsdp=8 model.vocab_size=128256
+
+The train step, sampling's prefill (the prompt pass) and one decode step are lowered for the
+platform (`jax.jit(...).trace(...).lower(lowering_platforms=...)`) over a mesh of N devices laid
+out as the config's `mesh.*` says, with the config's dtype (`auto`: bfloat16 off the CPU) and
+attention kernel. Nothing is compiled: XLA's partitioner and the platform's compiler run only on
+the hardware. Each step's StableHLO goes to OUT/NAME.mlir, and a summary says which attention
+kernels each step calls (their custom calls), whether any softmax over [T, T] scores remains, the
+matmuls' input and output dtypes, the collectives written into the module (XLA's partitioner adds
+the rest when it compiles), and how each parameter is split over the mesh.
+
+The mesh is made of this machine's CPU devices (N of them are simulated): a sharded step must be
+traced over real devices. cuDNN's attention asks the installed cuDNN for its version while
+tracing; without a GPU, `_cudnn_version_answered` answers, only while lowering.
+"""
+
+import argparse
+import collections
+import contextlib
+import os
+import pathlib
+import re
+
+from gptjax.errors import UserError
+
+CUDNN_VERSION_ASSUMED = 90800  # cuDNN 9.8: any 9.x with flash attention lowers to the same custom calls
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "collective_permute")
+
+
+@contextlib.contextmanager
+def _cudnn_version_answered():
+  """While lowering for cuda on a machine without cuDNN: JAX's cuDNN attention checks the installed
+  cuDNN's version at trace time (`check_cudnn_version` in jax._src.cudnn.fused_attention_stablehlo,
+  a private module) and fails without one. Here it is answered with CUDNN_VERSION_ASSUMED; the
+  lowered module is never compiled or run on this machine."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # noqa: PLC0415
+    original = cudnn_attention.check_cudnn_version
+    original()
+    yield  # a real cuDNN answers for itself
+    return
+  except (ImportError, AttributeError):
+    yield  # another JAX layout: lowering reports what it meets
+    return
+  except RuntimeError:
+    pass
+  cudnn_attention.check_cudnn_version = lambda: CUDNN_VERSION_ASSUMED
+  try:
+    yield
+  finally:
+    cudnn_attention.check_cudnn_version = original
+
+
+def _lower_sampling(cfg, mesh, platform: str, batch: int, prompt_length: int):
+  """(prefill, decode) lowered: the prompt [batch, prompt_length] into a cache of block_size
+  positions, and one token over that cache."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from gptjax import model as model_lib  # noqa: PLC0415
+  from gptjax import sharding  # noqa: PLC0415
+  from gptjax.model import transformer  # noqa: PLC0415
+
+  m = cfg.model
+  shapes, names = model_lib.abstract_params(m)
+  shardings = sharding.param_shardings(shapes, names, mesh)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  rows = sharding.rows_sharding(mesh)
+  cache_sharding = jax.sharding.NamedSharding(mesh, sharding.fit(
+      sharding.logical_to_spec(transformer.CACHE_AXES), (batch, m.kv_heads, m.block_size, m.head_size), mesh))
+  layer_cache = jax.ShapeDtypeStruct((batch, m.kv_heads, m.block_size, m.head_size), model_lib.compute_dtype(m),
+                                     sharding=cache_sharding)
+  cache = model_lib.KVCache((layer_cache,) * m.n_layer, (layer_cache,) * m.n_layer,
+                            jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)))
+
+  def prefill(params, prompt):
+    model = model_lib.bind(m, params)
+    return model.prefill(prompt, m.block_size, model.layer_params())
+
+  def decode(params, cache, token):
+    model = model_lib.bind(m, params)
+    return model.decode(token, cache, model.layer_params())
+
+  with jax.set_mesh(mesh):
+    prompt = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32, sharding=rows)
+    token = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=rows)
+    return (jax.jit(prefill).trace(params, prompt).lower(lowering_platforms=(platform,)),
+            jax.jit(decode).trace(params, cache, token).lower(lowering_platforms=(platform,)))
+
+
+def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None = None) -> dict:
+  """Lowers `cfg`'s steps for `platform` over a mesh of `devices`; writes OUT_DIR/{train_step,
+  prefill, decode}.mlir and returns {"attention": the start-up line, "texts": {step: StableHLO},
+  "params": [(name, shape, spec)], "mesh": the mesh}."""
+  import jax  # noqa: PLC0415
+
+  from gptjax import model as model_lib  # noqa: PLC0415
+  from gptjax import optim  # noqa: PLC0415
+  from gptjax import sharding  # noqa: PLC0415
+  from gptjax import steps as steps_lib  # noqa: PLC0415
+  from gptjax.model import kernels  # noqa: PLC0415
+
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  shards = sharding.batch_shards(mesh)
+  if cfg.train.batch_size % shards:
+    raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by data*fsdp={shards}")
+  prompt_length = prompt_length or max(1, cfg.model.block_size // 2)
+  if not 0 < prompt_length <= cfg.model.block_size:
+    raise UserError(f"--prompt-length={prompt_length} is not in [1, block_size={cfg.model.block_size}]")
+  with model_lib.lowering_for(platform), (_cudnn_version_answered() if platform == "cuda" else contextlib.nullcontext()):
+    attention = kernels.report(cfg.model, cfg.model.block_size)
+    tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
+    train_step, _, abstract, state_shardings = steps_lib.lower_steps(cfg, tx, schedule, mesh, platform)
+    prefill, decode = _lower_sampling(cfg, mesh, platform, shards, prompt_length)
+  texts = {"train_step": train_step.as_text(), "prefill": prefill.as_text(), "decode": decode.as_text()}
+  out = pathlib.Path(out_dir)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+      (out / f"{name}.mlir").write_text(text)
+  except OSError as e:
+    raise UserError(f"cannot write the lowered modules to {out_dir}: {e.strerror}") from None
+  flat = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
+  specs = jax.tree.leaves(state_shardings.params)
+  params = [("/".join(str(getattr(k, "key", k)) for k in path), x.shape, s.spec) for (path, x), s in zip(flat, specs)]
+  return {"attention": attention, "texts": texts, "params": params, "mesh": mesh}
+
+
+def custom_calls(text: str) -> collections.Counter:
+  """The custom calls in a module by target (a Mosaic kernel by its kernel name)."""
+  found = collections.Counter()
+  for line in text.splitlines():
+    target = re.search(r"custom_call @([\w$.]+)", line)
+    if target and target.group(1) != "Sharding" and not target.group(1).startswith("SPMD"):
+      kernel = re.search(r'kernel_name = \\?"([^"\\]+)', line)
+      found[kernel.group(1) if target.group(1) == "tpu_custom_call" and kernel else target.group(1)] += 1
+  return found
+
+
+def square_softmaxes(text: str, T: int) -> int:
+  """How many exponentials run over scores whose last two dimensions are [T, T]: XLA's softmax
+  over attention scores, which a fused kernel never writes out."""
+  return len(re.findall(rf"stablehlo\.exponential [^\n]*tensor<(?:\d+x)*{T}x{T}xf\d+>", text))
+
+
+def matmul_dtypes(text: str) -> collections.Counter:
+  """The dot_generals by (left input, right input -> output) element type, e.g. 'bf16 x bf16 -> f32'."""
+  found = collections.Counter()
+  for lhs, rhs, out in re.findall(r"stablehlo\.dot_general [^\n]*: \(tensor<([^>]*)>, tensor<([^>]*)>\) -> tensor<([^>]*)>",
+                                  text):
+    found[f"{lhs.split('x')[-1]} x {rhs.split('x')[-1]} -> {out.split('x')[-1]}"] += 1
+  return found
+
+
+def collectives(text: str) -> collections.Counter:
+  return collections.Counter({name: n for name in COLLECTIVES if (n := len(re.findall(rf"\.{name}\b", text)))})
+
+
+def argument_shardings(text: str) -> list[tuple[tuple[str, ...], ...]]:
+  """Each argument of the module's main function: the mesh axes that split each of its dimensions
+  (Shardy's `sdy.sharding`; no annotation: whole)."""
+  signature = re.search(r"func\.func public @main\((.*?)\) ->", text, re.S).group(1)
+  shardings = []
+  for argument in re.split(r"%arg\d+: ", signature)[1:]:
+    rank = len(re.match(r"tensor<([^>]*)>", argument).group(1).split("x")) - 1
+    annotation = re.search(r"#sdy\.sharding<@\w+, \[(.*?)\]", argument)
+    dims = re.findall(r"\{([^}]*)\}", annotation.group(1)) if annotation else [""] * rank
+    shardings.append(tuple(tuple(re.findall(r'"(\w+)"', dim)) for dim in dims))
+  return shardings
+
+
+def _counts(counter: collections.Counter) -> str:
+  return ", ".join(f"{name} x{n}" for name, n in sorted(counter.items())) or "none"
+
+
+def summary(cfg, platform: str, lowered: dict, out_dir: str) -> str:
+  """The table a user reads: per step its kernels, [T, T] softmaxes, matmul dtypes and collectives;
+  then each parameter's split."""
+  mesh, T = lowered["mesh"], cfg.model.block_size
+  lines = [f"gptjax lower: {platform}, {mesh.size} devices, mesh {dict(mesh.shape)}",
+           lowered["attention"], "",
+           "| step | custom calls (attention kernels) | softmax over [T, T] | matmuls | collectives in the module |",
+           "|---|---|---|---|---|"]
+  for name, text in lowered["texts"].items():
+    lines.append(f"| {name} ({out_dir}/{name}.mlir) | {_counts(custom_calls(text))} | {square_softmaxes(text, T)} "
+                 f"| {_counts(matmul_dtypes(text))} | {_counts(collectives(text))} |")
+  lines += ["", "XLA's SPMD partitioner adds the collectives that the shardings imply when it compiles.",
+            "", "parameters (float32), split over the mesh:"]
+  width = max(len(name) for name, _, _ in lowered["params"])
+  for name, shape, spec in lowered["params"]:
+    lines.append(f"  {name:<{width}}  {list(shape)}  {tuple(spec) if any(spec) else 'replicated'}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="gptjax lower", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("config", help="a named config (configs/NAME.yaml) or a YAML file")
+  parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. mesh.fsdp=8 model.dtype=float32")
+  parser.add_argument("--platform", required=True, choices=["cuda", "tpu"], help="the hardware to lower for")
+  parser.add_argument("--devices", type=int, default=8, help="devices in the mesh (simulated here)")
+  parser.add_argument("--prompt-length", type=int, default=None, help="prefill's prompt (default: block_size // 2)")
+  parser.add_argument("--out", default=None, help="where the .mlir files go (default: lowered/CONFIG-PLATFORM)")
+  args = parser.parse_intermixed_args(argv)
+  if args.devices < 1:
+    raise UserError(f"--devices={args.devices} is not positive")
+  # Before JAX starts its backend: this process's mesh is made of simulated CPU devices.
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax  # noqa: PLC0415
+
+  from gptjax import config as config_lib  # noqa: PLC0415
+  cfg = config_lib.load_config(args.config, args.overrides)
+  devices = jax.devices("cpu")
+  if len(devices) < args.devices:
+    raise UserError(f"--devices={args.devices}: this process has only {len(devices)} CPU devices")
+  out_dir = args.out or os.path.join("lowered", f"{pathlib.Path(args.config).stem}-{args.platform}")
+  lowered = lower(cfg, args.platform, devices[:args.devices], out_dir, args.prompt_length)
+  print(summary(cfg, args.platform, lowered, out_dir))
