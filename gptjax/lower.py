@@ -6,11 +6,11 @@
 The train step, sampling's prefill (the prompt pass) and one decode step are lowered for the
 platform (`jax.jit(...).trace(...).lower(lowering_platforms=...)`) over a mesh of N devices laid
 out as the config's `mesh.*` says, with the config's dtype (`auto`: bfloat16 off the CPU) and
-attention kernel. Nothing is compiled: XLA's partitioner and the platform's compiler run only on
-the hardware. Each step's StableHLO goes to OUT/NAME.mlir, and a summary says which attention
+attention kernel; nothing lowered for the platform is compiled here. Each step's StableHLO goes to OUT/NAME.mlir, and a summary says which attention
 kernels each step calls (their custom calls), whether any softmax over [T, T] scores remains, the
-matmuls' input and output dtypes, the collectives written into the module (XLA's partitioner adds
-the rest when it compiles), and how each parameter is split over the mesh.
+matmuls' input and output dtypes, the collectives XLA's SPMD partitioner inserts (read from the same
+steps compiled for this machine's CPU devices, XLA's attention standing in for a fused kernel), and
+how each parameter is split over the mesh.
 
 The mesh is made of this machine's CPU devices (N of them are simulated): a sharded step must be
 traced over real devices. cuDNN's attention asks the installed cuDNN for its version while
@@ -27,7 +27,6 @@ import re
 from gptjax.errors import UserError
 
 CUDNN_VERSION_ASSUMED = 90800  # cuDNN 9.8: any 9.x with flash attention lowers to the same custom calls
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "collective_permute")
 
 
 @contextlib.contextmanager
@@ -91,11 +90,30 @@ def _lower_sampling(cfg, mesh, platform: str, batch: int, prompt_length: int):
             jax.jit(decode).trace(params, cache, token).lower(lowering_platforms=(platform,)))
 
 
-def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None = None) -> dict:
+def _partitioned(cfg, mesh, dtype: str, batch: int, prompt_length: int) -> dict[str, str]:
+  """{step: optimized HLO} of the same steps compiled for this machine's CPU devices, with XLA's
+  attention in place of a fused kernel and the target's dtype: where XLA's SPMD partitioner puts
+  the collectives that the shardings imply (the same partitioner compiles for GPUs and TPUs)."""
+  import dataclasses  # noqa: PLC0415
+
+  from gptjax import optim  # noqa: PLC0415
+  from gptjax import steps as steps_lib  # noqa: PLC0415
+  twin = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla", dtype=dtype))
+  tx, schedule = optim.make_optimizer(twin.optim), optim.lr_schedule(twin.optim)
+  train_step = steps_lib.lower_steps(twin, tx, schedule, mesh)[0]
+  prefill, decode = _lower_sampling(twin, mesh, "cpu", batch, prompt_length)
+  return {name: lowered.compile().as_text()
+          for name, lowered in (("train_step", train_step), ("prefill", prefill), ("decode", decode))}
+
+
+def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None = None,
+          partition: bool = True) -> dict:
   """Lowers `cfg`'s steps for `platform` over a mesh of `devices`; writes OUT_DIR/{train_step,
   prefill, decode}.mlir and returns {"attention": the start-up line, "texts": {step: StableHLO},
-  "params": [(name, shape, spec)], "mesh": the mesh}."""
+  "partitioned": {step: the CPU twin's optimized HLO} (with `partition`), "params": [(name, shape,
+  spec)], "mesh": the mesh}."""
   import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
 
   from gptjax import model as model_lib  # noqa: PLC0415
   from gptjax import optim  # noqa: PLC0415
@@ -115,7 +133,9 @@ def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None =
     tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
     train_step, _, abstract, state_shardings = steps_lib.lower_steps(cfg, tx, schedule, mesh, platform)
     prefill, decode = _lower_sampling(cfg, mesh, platform, shards, prompt_length)
+    dtype = jnp.dtype(model_lib.compute_dtype(cfg.model)).name
   texts = {"train_step": train_step.as_text(), "prefill": prefill.as_text(), "decode": decode.as_text()}
+  partitioned = _partitioned(cfg, mesh, dtype, shards, prompt_length) if partition else {}
   out = pathlib.Path(out_dir)
   try:
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +146,7 @@ def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None =
   flat = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
   specs = jax.tree.leaves(state_shardings.params)
   params = [("/".join(str(getattr(k, "key", k)) for k in path), x.shape, s.spec) for (path, x), s in zip(flat, specs)]
-  return {"attention": attention, "texts": texts, "params": params, "mesh": mesh}
+  return {"attention": attention, "texts": texts, "partitioned": partitioned, "params": params, "mesh": mesh}
 
 
 def custom_calls(text: str) -> collections.Counter:
@@ -155,8 +175,10 @@ def matmul_dtypes(text: str) -> collections.Counter:
   return found
 
 
-def collectives(text: str) -> collections.Counter:
-  return collections.Counter({name: n for name in COLLECTIVES if (n := len(re.findall(rf"\.{name}\b", text)))})
+def collectives(hlo: str) -> collections.Counter:
+  """The collectives in a compiled (partitioned) HLO module, by kind: all-reduce, all-gather, ..."""
+  kinds = re.findall(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo)
+  return collections.Counter(kinds)
 
 
 def argument_shardings(text: str) -> list[tuple[tuple[str, ...], ...]]:
@@ -182,12 +204,14 @@ def summary(cfg, platform: str, lowered: dict, out_dir: str) -> str:
   mesh, T = lowered["mesh"], cfg.model.block_size
   lines = [f"gptjax lower: {platform}, {mesh.size} devices, mesh {dict(mesh.shape)}",
            lowered["attention"], "",
-           "| step | custom calls (attention kernels) | softmax over [T, T] | matmuls | collectives in the module |",
+           "| step | custom calls (attention kernels) | softmax over [T, T] | matmuls | collectives (partitioned) |",
            "|---|---|---|---|---|"]
   for name, text in lowered["texts"].items():
+    partitioned = lowered["partitioned"].get(name)
     lines.append(f"| {name} ({out_dir}/{name}.mlir) | {_counts(custom_calls(text))} | {square_softmaxes(text, T)} "
-                 f"| {_counts(matmul_dtypes(text))} | {_counts(collectives(text))} |")
-  lines += ["", "XLA's SPMD partitioner adds the collectives that the shardings imply when it compiles.",
+                 f"| {_counts(matmul_dtypes(text))} | {'-' if partitioned is None else _counts(collectives(partitioned))} |")
+  lines += ["", "Collectives: XLA's SPMD partitioner, compiling the same steps for this mesh of CPU devices with XLA's",
+            "attention in place of a fused kernel (the lowered modules hold shardings; collectives come at compile time).",
             "", "parameters (float32), split over the mesh:"]
   width = max(len(name) for name, _, _ in lowered["params"])
   for name, shape, spec in lowered["params"]:
@@ -204,6 +228,8 @@ def main(argv=None) -> None:
   parser.add_argument("--devices", type=int, default=8, help="devices in the mesh (simulated here)")
   parser.add_argument("--prompt-length", type=int, default=None, help="prefill's prompt (default: block_size // 2)")
   parser.add_argument("--out", default=None, help="where the .mlir files go (default: lowered/CONFIG-PLATFORM)")
+  parser.add_argument("--no-collectives", action="store_true",
+                      help="skip compiling the steps for this machine's CPUs to count the collectives")
   args = parser.parse_intermixed_args(argv)
   if args.devices < 1:
     raise UserError(f"--devices={args.devices} is not positive")
@@ -218,5 +244,5 @@ def main(argv=None) -> None:
   if len(devices) < args.devices:
     raise UserError(f"--devices={args.devices}: this process has only {len(devices)} CPU devices")
   out_dir = args.out or os.path.join("lowered", f"{pathlib.Path(args.config).stem}-{args.platform}")
-  lowered = lower(cfg, args.platform, devices[:args.devices], out_dir, args.prompt_length)
+  lowered = lower(cfg, args.platform, devices[:args.devices], out_dir, args.prompt_length, not args.no_collectives)
   print(summary(cfg, args.platform, lowered, out_dir))

@@ -24,7 +24,7 @@ CONFIGS = {"gpt2": GPT2, "llama": LLAMA}
 def _lowered(tmp_path, which, platform, *extra):
   name, overrides = CONFIGS[which]
   cfg = config_lib.load_config(name, [*overrides, *extra])
-  return cfg, lower.lower(cfg, platform, jax.devices()[:8], str(tmp_path / "lowered"))
+  return cfg, lower.lower(cfg, platform, jax.devices()[:8], str(tmp_path / "lowered"), partition=False)
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
@@ -92,6 +92,8 @@ def test_gptjax_lower_prints_what_a_user_acts_on(tmp_path):
   assert lines[1] == "attention: cudnn (auto on cuda); matmuls in bfloat16"
   train_row = next(line for line in lines if line.startswith("| train_step"))
   assert "__cudnn$fmhaSoftmax x4, __cudnn$fmhaSoftmaxBackward x2 | 0 | bf16 x bf16 -> bf16" in train_row
+  collectives = train_row.split("|")[-2]
+  assert "all-gather" in collectives and "all-reduce" in collectives  # FSDP's gathers, data parallelism's sums
   assert any(re.fullmatch(r"  h/attn/q_attn/kernel +\[2, 128, 4, 32\]  \(None, 'fsdp', 'tensor', None\)", line)
              for line in lines)
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["decode.mlir", "prefill.mlir", "train_step.mlir"]

@@ -25,7 +25,8 @@ def platform() -> str:
   backend = jax.default_backend()
   if backend != "gpu":
     return backend
-  return "rocm" if "rocm" in getattr(jax.devices()[0].client, "platform_version", "").lower() else "cuda"
+  client = getattr(jax.devices()[0], "client", None)
+  return "rocm" if "rocm" in getattr(client, "platform_version", "").lower() else "cuda"
 
 
 @contextlib.contextmanager
