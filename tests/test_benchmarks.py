@@ -36,6 +36,16 @@ def test_vs_transformers_prints_train_and_sampling_tables():
   assert "first token of a 32-token prompt, batch 1: gptjax" in output
 
 
+def test_accelerator_prints_gptjax_and_torch_rows():
+  output = run_benchmark("accelerator.py", "--tiny")
+  rows = table_rows(output, "")
+  assert [row[0] for row in rows[1:]] == ["gpt2_124m, attention auto, remat none, scanned", "torch: GPT-2 124M, SDPA",
+                                          "gpt2_124m, attention xla"], output
+  assert all(float(row[2].replace(",", "")) > 0 for row in rows[1:]), output
+  assert rows[1][5] == "blocked (auto on cpu); matmuls in float32" and rows[3][5].startswith("xla (model.attention=xla)")
+  assert "device: cpu" in output
+
+
 def test_prepare_speed_prints_workers_against_the_tokenizer_limit():
   output = run_benchmark("prepare_speed.py", "--tiny")
   rows = table_rows(output, "0.003 GB")
