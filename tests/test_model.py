@@ -149,3 +149,17 @@ def test_bfloat16_logits_are_float32_and_near_float32s():
   np.testing.assert_allclose(logits, _logits(CFG, params, tokens), atol=0.05)
   _, grads = _loss_and_grads(bf16, params, tokens)
   assert {g.dtype for g in jax.tree.leaves(grads)} == {np.dtype("float32")}
+
+
+@pytest.mark.parametrize("attention", ["blocked", "xla"])
+def test_prefill_attends_with_the_kernel_and_fills_the_cache_as_decoding_would(attention):
+  cfg = dataclasses.replace(CFG, attention=attention, n_kv_head=2)
+  params = _params(cfg)
+  tokens = jax.random.randint(jax.random.key(5), (2, 11), 0, cfg.vocab_size)
+  model = model_lib.bind(cfg, params)
+  prefilled_logits, prefilled = model.prefill(tokens, 16)
+  decoded_logits, decoded = model.decode(tokens, model.init_cache(2, 16))  # attends over the cache
+  np.testing.assert_allclose(prefilled_logits, _logits(cfg, params, tokens)[:, -1], atol=1e-5)
+  np.testing.assert_allclose(prefilled_logits, decoded_logits, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), prefilled, decoded)
+  assert int(prefilled.length) == 11
