@@ -17,11 +17,15 @@ PEAK_FLOPS = {
 }
 
 
+def peak_flops(device_kind: str) -> float:
+  """The table's peak for a device kind (as JAX or CUDA name it); 0 if unknown."""
+  return next((flops for name, flops in PEAK_FLOPS.items() if name in device_kind), 0.0)
+
+
 def peak_flops_per_device(cfg: config_lib.TrainConfig) -> float:
   if cfg.peak_flops_per_device > 0:
     return cfg.peak_flops_per_device
-  kind = jax.devices()[0].device_kind
-  return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), 0.0)
+  return peak_flops(jax.devices()[0].device_kind)
 
 
 class Throughput:

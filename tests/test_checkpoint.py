@@ -164,7 +164,8 @@ def _damage(step_dir: pathlib.Path, how: str) -> None:
     largest.write_bytes(bytes(content))
 
 
-@pytest.mark.parametrize("how", ["deleted", "truncated", "corrupted"])
+@pytest.mark.parametrize("how", [pytest.param("deleted", marks=pytest.mark.slow),  # corrupted covers the fallback
+                                 pytest.param("truncated", marks=pytest.mark.slow), "corrupted"])
 def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tiny_run, tmp_path, how):
   """The latest step (30) damaged: sample and perplexity warn and use step 15; asked for step 30
   itself, or with every step damaged, one line. Never a traceback, never random weights."""

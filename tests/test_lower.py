@@ -40,7 +40,7 @@ def test_the_bf16_step_lowered_for_cuda_calls_cudnns_fused_attention_forward_and
   assert (tmp_path / "lowered" / "train_step.mlir").read_text() == train
 
 
-@pytest.mark.parametrize("which", ["gpt2", "llama"])
+@pytest.mark.parametrize("which", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])  # the suite's time
 def test_the_step_lowered_for_tpu_calls_splash_attention(tmp_path, which):
   _, lowered = _lowered(tmp_path, which, "tpu")
   assert lowered["attention"].startswith("attention: splash (auto on tpu)")
@@ -71,7 +71,7 @@ def test_the_lm_head_and_loss_are_float32_in_the_bf16_step(tmp_path):
   assert lower.matmul_dtypes(train)["bf16 x bf16 -> bf16"] > 0
 
 
-@pytest.mark.parametrize("which", ["gpt2", "llama"])
+@pytest.mark.parametrize("which", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])  # the suite's time
 def test_parameters_carry_the_rules_tables_shardings_in_the_lowered_module(tmp_path, which):
   cfg, lowered = _lowered(tmp_path, which, "cuda")
   shapes, names = model_lib.abstract_params(cfg.model)

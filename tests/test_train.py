@@ -184,7 +184,8 @@ def test_a_second_trainer_on_the_same_run_is_refused_and_a_stale_lock_is_not(tmp
   assert load_checkpoint(tmp_path, "latest")[3] == stopped_at + 2
 
 
-@pytest.mark.parametrize("log, save", [(1, 1), (10, 1), pytest.param(2, 3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("log, save", [(1, 1), pytest.param(10, 1, marks=pytest.mark.slow),  # (1, 1) covers skip and stop
+                                       pytest.param(2, 3, marks=pytest.mark.slow)])
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, char_data, log, save):
   """A learning rate of 1e9 makes the loss NaN from step 3 on: those updates are skipped, the run
   stops after train.max_bad_steps of them, and every checkpoint holds finite parameters."""
