@@ -22,6 +22,7 @@ import pathlib
 import re
 import shutil
 import time
+import uuid
 
 from typing import Callable, TypeVar
 
@@ -66,7 +67,7 @@ def create_dir(out_dir: str, checkpoint_bytes: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create {directory}: {e.strerror}") from None
-  probe = directory / f".gptjax-probe-{os.getpid()}"
+  probe = directory / f".gptjax-probe-{uuid.uuid4().hex}"  # every process of every host its own: pids repeat in containers
   try:
     with open(probe, "wb") as f:
       f.write(bytes(4096))

@@ -10,16 +10,26 @@ from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import sharding
 
-# Dense bf16 peak FLOP/s per chip, matched against jax.Device.device_kind, for MFU.
+# Dense (no sparsity) bfloat16 peak FLOP/s per JAX device, by the exact device kind JAX reports (for
+# NVIDIA GPUs, CUDA's device name; prefixes differ: "NVIDIA H100 PCIe" is not SXM's 989 TFLOP/s).
+# Sources: NVIDIA's H100 datasheet (SXM 989, PCIe 756, NVL 835), H200 page (989; NVL 835), A100
+# datasheet (312), L4 page (121), Blackwell datasheet (B200 2,250; GB200 2,500 per GPU); AMD's MI300X
+# and MI325X pages (1,307.4); Google Cloud's TPU docs (v4 275, v5e 197, v5p 459, v6e 918 per chip;
+# TPU7x 2,307 per chip, which JAX shows as two devices).
 PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L4": 121e12, "NVIDIA B200": 2250e12, "NVIDIA GB200": 2500e12,
+    "AMD Instinct MI300X": 1307.4e12, "AMD Instinct MI325X": 1307.4e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU7x": 2307e12 / 2,
 }
 
 
 def peak_flops(device_kind: str) -> float:
-  """The table's peak for a device kind (as JAX or CUDA name it); 0 if unknown."""
-  return next((flops for name, flops in PEAK_FLOPS.items() if name in device_kind), 0.0)
+  """The table's peak for a device kind, matched exactly; 0 if it is not in the table."""
+  return PEAK_FLOPS.get(device_kind, 0.0)
 
 
 def peak_flops_per_device(cfg: config_lib.TrainConfig) -> float:
@@ -75,6 +85,14 @@ def memory_report(abstract, shardings, compiled_step) -> str:
           f"{sizes['optimizer state'] / 2**20:,.1f} MiB, gradients and activations "
           f"{sizes['gradients and activations'] / 2**20:,.1f} MiB (XLA), total {sum(sizes.values()) / 2**20:,.1f} MiB"
           + (f" of {limit / 2**20:,.0f} MiB" if limit else ""))
+
+
+def peak_report(cfg: config_lib.TrainConfig) -> str | None:
+  """A start-up line where MFU cannot be known (a device kind the table lacks), else None."""
+  if peak_flops_per_device(cfg):
+    return None
+  return (f"MFU n/a: no peak FLOP/s known for device kind {jax.devices()[0].device_kind!r}; "
+          "set train.peak_flops_per_device")
 
 
 def kv_cache_bytes(cfg: config_lib.ModelConfig) -> int:

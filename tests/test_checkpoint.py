@@ -201,3 +201,11 @@ def test_resume_passes_over_a_damaged_checkpoint_and_sets_it_aside(tiny_run, tmp
   assert "resuming at step 15 of 35" in result.stdout
   assert load_checkpoint(run, "latest")[3] == 35 and (run / "checkpoints" / "30").is_dir()  # saved anew
   assert (run / "damaged" / "30" / "params").is_dir()
+
+
+def test_start_up_probes_of_processes_with_one_pid_do_not_collide(tmp_path):
+  """Containers on several hosts give their trainers the same pid; each probe is its own file."""
+  import concurrent.futures  # noqa: PLC0415
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # threads: one pid, as the hosts would have
+    list(pool.map(lambda _: checkpoint.create_dir(str(tmp_path), 0), range(200)))
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == []

@@ -38,7 +38,9 @@ def test_bfloat16_trains_on_a_cpu_mesh_with_float32_parameters_and_state(tmp_pat
   result, state = train.train(cfg, progress_bar=False, devices=jax.devices()[:8])
   assert result["val_loss"] < np.log(77) - 1.0
   assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if x.ndim} == {np.dtype("float32")}
-  assert "attention: blocked (auto on cpu); matmuls in bfloat16" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "attention: blocked (auto on cpu); matmuls in bfloat16" in out
+  assert "MFU n/a: no peak FLOP/s known for device kind 'cpu'; set train.peak_flops_per_device" in out
 
 
 def test_resume_continues_exactly(tmp_path, char_data):
