@@ -146,7 +146,9 @@ def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None =
   flat = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
   specs = jax.tree.leaves(state_shardings.params)
   params = [("/".join(str(getattr(k, "key", k)) for k in path), x.shape, s.spec) for (path, x), s in zip(flat, specs)]
-  return {"attention": attention, "texts": texts, "partitioned": partitioned, "params": params, "mesh": mesh}
+  unsplit = sharding.unsplit_report(*model_lib.abstract_params(cfg.model), mesh)
+  return {"attention": attention, "texts": texts, "partitioned": partitioned, "params": params, "mesh": mesh,
+          "unsplit": unsplit}
 
 
 def custom_calls(text: str) -> collections.Counter:
@@ -216,7 +218,7 @@ def summary(cfg, platform: str, lowered: dict, out_dir: str) -> str:
   width = max(len(name) for name, _, _ in lowered["params"])
   for name, shape, spec in lowered["params"]:
     lines.append(f"  {name:<{width}}  {list(shape)}  {tuple(spec) if any(spec) else 'replicated'}")
-  return "\n".join(lines)
+  return "\n".join([*lines, *lowered["unsplit"]])
 
 
 def main(argv=None) -> None:

@@ -116,6 +116,33 @@ def fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   return P(*fitted)
 
 
+# What lets a dimension split, by its logical axis: printed beside a parameter the mesh cannot split.
+_MAKES_IT_SPLIT = {"vocab": "model.vocab_multiple a multiple of {size}", "heads": "model.n_head a multiple of {size}",
+                   "kv_heads": "model.n_kv_head a multiple of {size}", "mlp": "model.mlp_hidden a multiple of {size}",
+                   "embed": "model.n_embd a multiple of {size}"}
+
+
+def unsplit_report(shapes, names, mesh: Mesh) -> list[str]:
+  """A line per parameter dimension that the rules split but the mesh does not divide, so it stays
+  whole (replicated over those mesh axes): its name, shape, logical axis, the mesh size and what
+  would let it split."""
+  lines = []
+  flat_names = dict(jax.tree_util.tree_flatten_with_path(names, is_leaf=lambda x: isinstance(x, tuple))[0])
+  for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    axis_names = flat_names[path]
+    wanted, fitted = logical_to_spec(axis_names), fit(logical_to_spec(axis_names), x.shape, mesh)
+    for dim, (logical, asked, got) in enumerate(zip(axis_names, wanted, fitted)):
+      if asked is not None and got is None:
+        mesh_axes = (asked,) if isinstance(asked, str) else asked
+        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        if size > 1:
+          name = "/".join(str(getattr(k, "key", k)) for k in path)
+          remedy = _MAKES_IT_SPLIT.get(logical, "a size that {size} divides").format(size=size)
+          lines.append(f"not split: {name} {list(x.shape)}: {logical} {x.shape[dim]} over {'x'.join(mesh_axes)}={size} "
+                       f"does not divide, so this dimension is replicated; {remedy} would split it")
+  return lines
+
+
 def param_shardings(shapes, names, mesh: Mesh):
   """Parameters' ShapeDtypeStructs and logical axis names (same tree) -> NamedShardings."""
   return jax.tree.map(lambda x, n: NamedSharding(mesh, fit(logical_to_spec(n), x.shape, mesh)), shapes, names)

@@ -169,6 +169,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                disable=None if progress_bar and jax.process_index() == 0 else True)  # None: only on a terminal
     log(_start_line(cfg, steps, mesh, start_step, resume))
     log(attention)
+    for line in sharding.unsplit_report(*model_lib.abstract_params(cfg.model), mesh):
+      log(line)
     if (no_peak := metrics.peak_report(t)) is not None:
       log(no_peak)
     log(metrics.memory_report(steps.abstract, steps.shardings, steps.train))

@@ -15,6 +15,8 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gptjax import cli
+from gptjax import config as config_lib
+from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax import train
 from gptjax.errors import UserError
@@ -232,3 +234,18 @@ def test_inference_accepts_mesh_overrides_only(tiny_run):
   one_line_error(run_cli("sample", "--checkpoint", out_dir, "model.n_layer=3"), "only mesh.* overrides apply here")
   one_line_error(run_cli("perplexity", "--checkpoint", out_dir, "--split", "val", "mesh.fsdp=3"),
                  "mesh axes [-1, 3, 1] do not divide the 1 devices")
+
+
+def test_a_parameter_the_mesh_cannot_split_is_named_with_what_would_split_it():
+  cfg = config_lib.load_config("smollm2_135m", ["model.vocab_size=49152", "mesh.tensor=2"])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
+  lines = sharding.unsplit_report(*model_lib.abstract_params(cfg.model), mesh)
+  assert ("not split: h/attn/q_attn/kernel [30, 576, 9, 64]: heads 9 over tensor=2 does not divide, so this "
+          "dimension is replicated; model.n_head a multiple of 2 would split it") in lines
+  assert any(line.startswith("not split: h/attn/kv_attn/kernel") and "model.n_kv_head a multiple of 2" in line
+             for line in lines)
+  assert not any("wte" in line or "mlp" in line for line in lines)  # 49152 padded to 128s and 1536 divide
+  gpt2 = config_lib.load_config("gpt2_124m", ["mesh.data=1", "mesh.tensor=8"])
+  lines = sharding.unsplit_report(*model_lib.abstract_params(gpt2.model), sharding.make_mesh(gpt2.mesh, jax.devices()[:8]))
+  assert any("wte/embedding [50257, 768]: vocab 50257 over tensor=8" in line and "model.vocab_multiple a multiple of 8"
+             in line for line in lines)

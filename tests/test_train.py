@@ -41,6 +41,7 @@ def test_bfloat16_trains_on_a_cpu_mesh_with_float32_parameters_and_state(tmp_pat
   out = capsys.readouterr().out
   assert "attention: blocked (auto on cpu); matmuls in bfloat16" in out
   assert "MFU n/a: no peak FLOP/s known for device kind 'cpu'; set train.peak_flops_per_device" in out
+  assert "not split: wte/embedding [77, 32]: vocab 77 over tensor=2 does not divide" in out  # 77 characters
 
 
 def test_resume_continues_exactly(tmp_path, char_data):
