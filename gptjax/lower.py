@@ -112,8 +112,8 @@ def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None =
   prefill, decode}.mlir and returns {"attention": the start-up line, "texts": {step: StableHLO},
   "partitioned": {step: the CPU twin's optimized HLO} (with `partition`), "params": [(name, shape,
   spec)], "mesh": the mesh}."""
-  import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  from flax import traverse_util  # noqa: PLC0415
 
   from gptjax import model as model_lib  # noqa: PLC0415
   from gptjax import optim  # noqa: PLC0415
@@ -143,9 +143,9 @@ def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None =
       (out / f"{name}.mlir").write_text(text)
   except OSError as e:
     raise UserError(f"cannot write the lowered modules to {out_dir}: {e.strerror}") from None
-  flat = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
-  specs = jax.tree.leaves(state_shardings.params)
-  params = [("/".join(str(getattr(k, "key", k)) for k in path), x.shape, s.spec) for (path, x), s in zip(flat, specs)]
+  shardings = traverse_util.flatten_dict(state_shardings.params)
+  params = [("/".join(path), x.shape, shardings[path].spec)  # in the order of the module's arguments: jax sorts keys
+            for path, x in sorted(traverse_util.flatten_dict(abstract.params).items())]
   unsplit = sharding.unsplit_report(*model_lib.abstract_params(cfg.model), mesh)
   return {"attention": attention, "texts": texts, "partitioned": partitioned, "params": params, "mesh": mesh,
           "unsplit": unsplit}

@@ -16,6 +16,7 @@ import math
 
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import config as config_lib
@@ -127,16 +128,15 @@ def unsplit_report(shapes, names, mesh: Mesh) -> list[str]:
   whole (replicated over those mesh axes): its name, shape, logical axis, the mesh size and what
   would let it split."""
   lines = []
-  flat_names = dict(jax.tree_util.tree_flatten_with_path(names, is_leaf=lambda x: isinstance(x, tuple))[0])
-  for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    axis_names = flat_names[path]
+  flat_names = traverse_util.flatten_dict(names, sep="/")
+  for name, x in traverse_util.flatten_dict(shapes, sep="/").items():
+    axis_names = flat_names[name]
     wanted, fitted = logical_to_spec(axis_names), fit(logical_to_spec(axis_names), x.shape, mesh)
     for dim, (logical, asked, got) in enumerate(zip(axis_names, wanted, fitted)):
       if asked is not None and got is None:
         mesh_axes = (asked,) if isinstance(asked, str) else asked
         size = math.prod(mesh.shape[a] for a in mesh_axes)
         if size > 1:
-          name = "/".join(str(getattr(k, "key", k)) for k in path)
           remedy = _MAKES_IT_SPLIT.get(logical, "a size that {size} divides").format(size=size)
           lines.append(f"not split: {name} {list(x.shape)}: {logical} {x.shape[dim]} over {'x'.join(mesh_axes)}={size} "
                        f"does not divide, so this dimension is replicated; {remedy} would split it")

@@ -40,9 +40,9 @@ def why_not(kernel: str, cfg: ModelConfig, seq_len: int, platform: str) -> str |
   """Why `kernel` cannot attend over `seq_len` positions of this model on `platform`; None if it can."""
   dtype = jnp.dtype(compute_dtype(cfg, platform)).name
   if kernel == "cudnn":
-    limit = cudnn.max_head_size()
     if platform != "cuda":
       return f"cuDNN's fused attention needs an NVIDIA GPU, and this runs on {platform}"
+    limit = cudnn.max_head_size()
     if dtype not in ("bfloat16", "float16"):
       return f"cuDNN's fused attention takes bfloat16 or float16, not {dtype} (set model.dtype=bfloat16)"
     if cfg.head_size % cudnn.HEAD_SIZE_MULTIPLE or cfg.head_size > limit:
