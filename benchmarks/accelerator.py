@@ -2,7 +2,7 @@
 batch that fits, its attention kernels and remat policies side by side, and PyTorch on the same
 shapes.
 
-    python benchmarks/accelerator.py              # on a GPU: about 6 minutes on one H100/H200
+    python benchmarks/accelerator.py              # on a GPU: at most --budget seconds (450), not yet run on one
     python benchmarks/accelerator.py --tiny       # the first rows, tiny shapes on a CPU: the script works
 
 Rows (each in a process of its own, one after another; a row that fails says why and the rest go on):
