@@ -119,11 +119,17 @@ def open_manager(out_dir: str, *, keep: int = 2, create: bool = True) -> ocp.Che
   return ocp.CheckpointManager(checkpoint_dir(out_dir), options=options)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every value in `tree` is finite: one compiled program for the whole tree."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, progress: dict,
          config: config_lib.Config, tokenizer: dict, val_loss: float) -> None:
   """Saves asynchronously; `manager.wait_until_finished()` before relying on the files. Refuses
   non-finite parameters; a non-finite validation loss is recorded as +inf, so it is never the best."""
-  if not all(jax.device_get(jax.tree.leaves(jax.tree.map(lambda x: jnp.isfinite(x).all(), params)))):
+  if not _all_finite(params):
     raise UserError(f"the parameters at step {step} are not finite; not saving them over the checkpoints in "
                     f"{manager.directory}: lower optim.learning_rate")
   val_loss = float(val_loss) if math.isfinite(val_loss) else math.inf

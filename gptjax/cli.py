@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 
+from gptjax import compile_cache
 from gptjax.errors import SaveFailed
 from gptjax.errors import UserError
 
@@ -52,6 +53,7 @@ def run(command: str, argv: list[str]) -> None:
     logging.getLogger(library).setLevel(logging.CRITICAL)
   sys.unraisablehook = _unless_orphaned_write
   warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)  # the same, at exit
+  compile_cache.set_defaults()  # before the command imports JAX
   try:
     importlib.import_module(COMMANDS[command]).main(argv)
   except UserError as e:

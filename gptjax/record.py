@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 import time
 import uuid
 
@@ -53,6 +54,19 @@ def stop_if_unwritable(what: str, step: int):
                      "before it are intact") from None
 
 
+@contextlib.contextmanager
+def _torch_unimportable():
+  """Inside, `import torch` fails as if torch were not installed, unless it is imported already."""
+  absent = "torch" not in sys.modules
+  if absent:
+    sys.modules["torch"] = None  # the import system's marker for a module that cannot be imported
+  try:
+    yield
+  finally:
+    if absent and sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+
+
 class EventFile:
   """TensorBoard events written at once, in this thread: tensorboardX's `EventsWriter` and summaries,
   without `SummaryWriter`'s writer thread, so that a failing disk raises at the write (and nothing
@@ -60,9 +74,9 @@ class EventFile:
   `purge_step` on that earlier files hold, as `SummaryWriter(purge_step=)` does."""
 
   def __init__(self, logdir: str, purge_step: int):
-    # Here, not at the top: tensorboardX's package imports torch where it is installed (a second).
-    from tensorboardX import event_file_writer, summary  # noqa: PLC0415
-    from tensorboardX.proto import event_pb2  # noqa: PLC0415
+    with _torch_unimportable():  # tensorboardX imports torch, where installed, only to accept its tensors (3 s)
+      from tensorboardX import event_file_writer, summary  # noqa: PLC0415
+      from tensorboardX.proto import event_pb2  # noqa: PLC0415
     self.summary, self.event_pb2 = summary, event_pb2
     os.makedirs(logdir, exist_ok=True)
     # Named by the second and the host, as TensorBoard expects, and a random suffix: a file is opened
@@ -99,7 +113,7 @@ class Record:
     self.path, self.where = pathlib.Path(t.out_dir) / METRICS_FILE, f"the record in {t.out_dir}"
     self.rows = [row for row in read_rows(t.out_dir) if row["step"] <= start_step] \
         if resume and self.path.is_file() else []
-    self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
+    self.tokens_per_step = cfg.tokens_per_step
     last = self.rows[-1] if self.rows else {"step": 0, "tokens": 0}
     self.start_step, self.start_tokens = start_step, last["tokens"] + (start_step - last["step"]) * self.tokens_per_step
     with stop_if_unwritable(self.where, start_step):

@@ -12,7 +12,6 @@ import math
 
 import jax
 import numpy as np
-from jax.experimental.pallas.ops.tpu import splash_attention
 
 BLOCK_MULTIPLE = 128  # the TPU's lane width: splash's key blocks must be multiples of it
 
@@ -26,6 +25,7 @@ def _block(T: int) -> int:
 def _kernel(heads: int, T: int, interpret: bool, mesh: jax.sharding.AbstractMesh):
   """The splash kernel for `heads` query heads over a causal mask of T positions; its block masks
   are made as constants (typed by the `mesh` traced under), so that one kernel serves every trace."""
+  from jax.experimental.pallas.ops.tpu import splash_attention  # noqa: PLC0415 (Pallas' TPU package: 0.25 s)
   b = _block(T)
   blocks = splash_attention.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                                        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
