@@ -51,9 +51,10 @@ def sample_logits(logits, rng, *, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_new", "temperature", "top_k", "top_p", "eot_id"))
-def _generate_chunk(params, context, finished, rng, *, cfg: ModelConfig, n_new: int, temperature: float,
+def _generate_chunk(params, context, finished, rng, wanted, *, cfg: ModelConfig, n_new: int, temperature: float,
                     top_k: int, top_p: float, eot_id: int | None):
-  """context: [B, C] with C + n_new <= block_size, finished: bool [B] (rows that need nothing more)
+  """context: [B, C] with C + n_new <= block_size, finished: bool [B] (rows that need nothing more),
+  wanted <= n_new (a traced count: the last chunk compiles no program of its own)
   -> (new tokens [B, n_new], count made, done [B])."""
   model = model_lib.bind(cfg, params)
   batch = context.shape[0]
@@ -63,7 +64,7 @@ def _generate_chunk(params, context, finished, rng, *, cfg: ModelConfig, n_new: 
 
   def keep_going(carry):
     i, _, _, _, done, _ = carry
-    return (i < n_new) & ~jnp.all(done)
+    return (i < wanted) & ~jnp.all(done)
 
   def next_token(carry):
     i, logits, cache, out, done, rng = carry
@@ -99,15 +100,16 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
              disable=None if progress and jax.process_index() == 0 else True)  # None: only on a terminal
   while remaining > 0 and not done.all():
     context = sequences if not produced else sequences[:, -(cfg.block_size // 2):]
-    n_new = min(remaining, cfg.block_size - context.shape[1])
+    n_new = min(cfg.block_size - context.shape[1], max_new_tokens)  # the same for every chunk after the first
+    wanted = min(remaining, n_new)
     rng, key = jax.random.split(rng)
     with sharding.on_mesh(mesh):
       out, count, done = jax.device_get(_generate_chunk(
-          params, sharding.put_rows(context, mesh), done, key, cfg=cfg, n_new=n_new, temperature=temperature, top_k=top_k,
-          top_p=top_p, eot_id=eot_id))
+          params, sharding.put_rows(context, mesh), done, key, np.int32(wanted), cfg=cfg, n_new=n_new,
+          temperature=temperature, top_k=top_k, top_p=top_p, eot_id=eot_id))
     produced.append(out[:, :count])
     sequences = np.concatenate([sequences, out[:, :count]], axis=1)
-    remaining -= n_new
+    remaining -= wanted
     bar.update(int(count))
   bar.close()
   return np.concatenate(produced, axis=1)[:n_samples] if produced else np.zeros((n_samples, 0), np.int32)
