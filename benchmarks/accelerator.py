@@ -26,7 +26,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GPT2_350M = ["model.n_layer=24", "model.n_embd=1024", "model.n_head=16"]
-COMMON = ["model.vocab_multiple=128", "model.dtype=bfloat16", "train.grad_accum_steps=1"]
+COMMON = ["model.vocab_multiple=128", "model.dtype=bfloat16", "train.device_batch_size=0", "train.grad_accum_steps=1"]
 # (row, config, overrides): every row's model runs in bfloat16 with a vocabulary padded to 128.
 ROWS = [
     ("gpt2_124m, attention auto, remat none, scanned", "gpt2_124m", ["model.scan_layers=true"]),

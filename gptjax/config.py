@@ -24,12 +24,16 @@ from gptjax.errors import UserError
 REMAT_POLICIES = ("none", "full", "save_dots")
 # Training attention (gptjax.model.kernels): auto, or one kernel by name.
 ATTENTION_KERNELS = ("auto", "cudnn", "splash", "xla", "blocked")
+SCAN_FROM_LAYERS = 16  # model.scan_layers=auto scans CPU models this deep (compile time over step time)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 50257  # replaced by the prepared data's vocabulary size at train time
-  block_size: int = 1024  # context length (learned positions)
+  block_size: int = 1024  # the context a run trains, evaluates and samples at
+  # The most positions the model takes (a learned position table's rows; for rotary positions, the
+  # max_position_embeddings an export writes); 0: block_size. An imported model's: at most this.
+  max_positions: int = 0
   n_layer: int = 12
   n_head: int = 12
   n_embd: int = 768
@@ -38,9 +42,11 @@ class ModelConfig:
   layer_norm_epsilon: float = 1e-5
   dtype: str = "auto"  # compute dtype: auto (bfloat16 on accelerators, float32 on CPU), float32, bfloat16
   remat: str = "none"  # what each block recomputes in the backward pass: none, full, save_dots
-  # The blocks as one lax.scan over their stacked parameters: compile time flat in depth (48 layers
-  # compile 6x faster), but a loop over them trains 17-31% faster on CPU (benchmarks/RESULTS.md).
-  scan_layers: bool = False
+  # The blocks as one lax.scan over their stacked parameters (true), or a loop over them (false):
+  # scanned, compile time is flat in depth (48 layers compile 6x faster); looped, steps run 11-25%
+  # faster on CPU (benchmarks/RESULTS.md). auto: scanned on accelerators, and on CPU from
+  # SCAN_FROM_LAYERS layers; looped for shallower models on CPU.
+  scan_layers: str = "auto"
   # Training attention (and the prompt pass of sampling): cudnn (cuDNN's fused kernel, NVIDIA GPUs,
   # bfloat16), splash (Pallas splash attention, TPUs), xla (one [T, T] masked softmax), blocked (query
   # blocks that skip the keys above the diagonal: 2x faster on CPU), or auto: cudnn on GPUs and splash
@@ -62,6 +68,10 @@ class ModelConfig:
   qkv_bias: bool = False  # biases on the query, key and value projections even with bias=false (Qwen2)
   qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
   vocab_multiple: int = 1  # the vocabulary padded to a multiple of this; padded logits are never used
+
+  @property
+  def position_limit(self) -> int:
+    return self.max_positions or self.block_size
 
   @property
   def kv_heads(self) -> int:
@@ -133,8 +143,13 @@ class DistributedConfig:
 class TrainConfig:
   out_dir: str = "out/run"
   init_from: str = ""  # a checkpoint dir to fine-tune: its architecture and weights, a fresh optimizer
-  batch_size: int = 12  # sequences per micro-batch, summed over all devices
-  grad_accum_steps: int = 1  # micro-batches per optimizer step
+  # The batch: batch_size sequences per optimizer step over all devices (tokens per step: batch_size
+  # x model.block_size, whatever the device count), in grad_accum_steps micro-steps of
+  # device_batch_size sequences on each of the data*fsdp devices. Set either of the two (or
+  # neither: the whole batch in one micro-step); the other is worked out (`micro_batches`).
+  batch_size: int = 12
+  device_batch_size: int = 0  # sequences per device per micro-step; 0: worked out
+  grad_accum_steps: int = 0  # micro-steps per optimizer step; 0: worked out
   max_iters: int = 600000  # optimizer steps
   eval_interval: int = 2000
   eval_iters: int = 200  # batches per split for each evaluation
@@ -151,6 +166,31 @@ class TrainConfig:
   sample_tokens: int = 200  # at each evaluation, a sample this long goes to TensorBoard / W&B; 0: none
   sample_prompt: str = ""  # ... continuing this text (empty: from end-of-text, or a character model's first character)
 
+  def micro_batches(self, shards: int) -> tuple[int, int]:
+    """(sequences per micro-step over all devices, micro-steps per optimizer step) on `shards`
+    batch shards (data*fsdp devices); a split that does not come out whole is a UserError."""
+    per_device, rest = divmod(self.batch_size, shards)
+    if rest:
+      raise UserError(f"train.batch_size={self.batch_size} is not divisible by data*fsdp={shards} devices: "
+                      f"set a multiple of {shards}")
+    if self.device_batch_size and self.grad_accum_steps:
+      if self.device_batch_size * self.grad_accum_steps != per_device:
+        raise UserError(f"train.device_batch_size={self.device_batch_size} x grad_accum_steps={self.grad_accum_steps} "
+                        f"is not train.batch_size={self.batch_size} / {shards} devices = {per_device}: set one of the two")
+      return self.device_batch_size * shards, self.grad_accum_steps
+    if self.device_batch_size or self.grad_accum_steps:
+      given, name = ((self.device_batch_size, "device_batch_size") if self.device_batch_size
+                     else (self.grad_accum_steps, "grad_accum_steps"))
+      if per_device % given:
+        fits = max(d for d in range(1, given + 1) if per_device % d == 0)
+        raise UserError(f"train.batch_size={self.batch_size} over {shards} devices is {per_device} sequences per "
+                        f"device, not a multiple of train.{name}={given}: set train.{name} to a divisor of "
+                        f"{per_device} (e.g. {fits}), or train.batch_size to a multiple of {given * shards}")
+      if self.device_batch_size:
+        return self.device_batch_size * shards, per_device // given
+      return per_device // given * shards, given
+    return self.batch_size, 1
+
   @property
   def profile_steps(self) -> tuple[int, int] | None:
     return tuple(int(n) for n in self.profile.split(":")) if self.profile else None
@@ -164,6 +204,11 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+  @property
+  def tokens_per_step(self) -> int:
+    """Tokens per optimizer step: the same on any number of devices."""
+    return self.train.batch_size * self.model.block_size
 
 
 def named_config_path(name: str) -> pathlib.Path:
@@ -249,6 +294,9 @@ def validate(cfg: Config) -> Config:
        "model.vocab_size, block_size, n_layer, n_head and n_embd must be positive"),
       (m.n_head <= 0 or m.head_dim or m.n_embd % m.n_head == 0,
        f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head} (or set model.head_dim)"),
+      (m.max_positions >= 0, f"model.max_positions={m.max_positions} is negative (0: model.block_size)"),
+      (m.block_size <= m.position_limit,
+       f"model.block_size={m.block_size} is longer than the model's {m.max_positions} positions (model.max_positions)"),
       (min(m.n_kv_head, m.head_dim, m.mlp_hidden) >= 0 and m.vocab_multiple > 0,
        "model.n_kv_head, head_dim and mlp_hidden must be >= 0 (0: derived) and vocab_multiple positive"),
       (m.n_head <= 0 or m.n_head % m.kv_heads == 0,
@@ -263,11 +311,14 @@ def validate(cfg: Config) -> Config:
        "rotary positions need an even head dimension"),
       (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} is not in [0, 1)"),
       (m.attention in ATTENTION_KERNELS, f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}"),
+      (str(m.scan_layers).lower() in ("auto", "true", "false"), f"model.scan_layers={m.scan_layers!r} is not auto, true or false"),
       (m.dtype in ("auto", "float32", "bfloat16"), f"model.dtype={m.dtype!r} is not auto, float32 or bfloat16"),
       (m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)} "
                                   "(what was model.remat=true is now full)"),
-      (min(t.batch_size, t.grad_accum_steps, t.eval_iters, t.log_interval) > 0,
-       "train.batch_size, grad_accum_steps, eval_iters and log_interval must be positive"),
+      (min(t.batch_size, t.eval_iters, t.log_interval) > 0,
+       "train.batch_size, eval_iters and log_interval must be positive"),
+      (min(t.device_batch_size, t.grad_accum_steps) >= 0,
+       "train.device_batch_size and grad_accum_steps must be >= 0 (0: worked out)"),
       (min(t.eval_interval, t.checkpoint_interval, t.keep_checkpoints, t.max_bad_steps) > 0,
        "train.eval_interval, checkpoint_interval, keep_checkpoints and max_bad_steps must be positive"),
       (t.max_iters >= 0, f"train.max_iters={t.max_iters} is negative"),
@@ -301,4 +352,9 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(values: dict) -> Config:
+  """A saved config; one saved before train.device_batch_size (when train.batch_size was the
+  micro-batch and grad_accum_steps its count) is read in today's terms."""
+  train = values.get("train", {})
+  if "train" in values and "device_batch_size" not in train and "grad_accum_steps" in train:
+    values = {**values, "train": {**train, "batch_size": train["batch_size"] * train["grad_accum_steps"]}}
   return _merge(OmegaConf.create(values))

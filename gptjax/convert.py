@@ -128,7 +128,7 @@ def model_config_from_hf(hf: dict, source: str) -> config_lib.ModelConfig:
       raise UserError(f"{source}: {what} is not supported")
   try:
     cfg = config_lib.ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], max_positions=hf["n_positions"], n_layer=hf["n_layer"],
         n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
         dropout=0.0, bias=True)
   except KeyError as e:
@@ -148,7 +148,7 @@ def hf_config(cfg: config_lib.ModelConfig, tokenizer_meta: dict) -> dict:
                     "(rotary positions, RMSNorm, SwiGLU and no biases export as Llama or Qwen)")
   config = {
       "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-      "n_positions": cfg.block_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+      "n_positions": cfg.position_limit, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
       "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_epsilon,
       "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
       "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,

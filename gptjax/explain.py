@@ -67,7 +67,7 @@ def facts(cfg: config_lib.ModelConfig) -> dict:
   """The sizes and names the meanings above are written with."""
   rms, group = cfg.norm == "rmsnorm", cfg.n_head // cfg.kv_heads
   return dict(
-      V=cfg.padded_vocab, D=cfg.n_embd, block=cfg.block_size, H=cfg.n_head, G=cfg.kv_heads, K=cfg.head_size,
+      V=cfg.padded_vocab, D=cfg.n_embd, block=cfg.position_limit, H=cfg.n_head, G=cfg.kv_heads, K=cfg.head_size,
       HK=cfg.n_head * cfg.head_size, F=cfg.mlp_size,
       shared=f" (grouped-query: each serves {group} query heads)" if group > 1 else "",
       norm="RMSNorm (each position / its root mean square, x scale)" if rms else

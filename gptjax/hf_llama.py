@@ -50,7 +50,8 @@ def model_config_from_hf(hf: dict, source: str) -> config_lib.ModelConfig:
   scaled = rope["rope_type"] == "llama3"
   try:
     cfg = config_lib.ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+        max_positions=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
         n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
         n_kv_head=_unless(hf.get("num_key_value_heads"), hf["num_attention_heads"]),
         head_dim=_unless(hf.get("head_dim"), hf["hidden_size"] // hf["num_attention_heads"]),
@@ -85,7 +86,7 @@ def hf_config(cfg: config_lib.ModelConfig) -> dict:
       "architectures": [architecture], "model_type": family, "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_size, "num_hidden_layers": cfg.n_layer,
       "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
-      "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.layer_norm_epsilon, "hidden_act": "silu",
+      "max_position_embeddings": cfg.position_limit, "rms_norm_eps": cfg.layer_norm_epsilon, "hidden_act": "silu",
       "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "rope_parameters": rope,
       "rope_theta": cfg.rope_theta, "torch_dtype": "float32",
   }

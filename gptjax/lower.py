@@ -123,8 +123,7 @@ def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None =
 
   mesh = sharding.make_mesh(cfg.mesh, devices)
   shards = sharding.batch_shards(mesh)
-  if cfg.train.batch_size % shards:
-    raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by data*fsdp={shards}")
+  cfg.train.micro_batches(shards)  # a batch the mesh cannot split stops here
   prompt_length = prompt_length or max(1, cfg.model.block_size // 2)
   if not 0 < prompt_length <= cfg.model.block_size:
     raise UserError(f"--prompt-length={prompt_length} is not in [1, block_size={cfg.model.block_size}]")

@@ -42,7 +42,7 @@ class Throughput:
   """Tokens/s and MFU over the steps since the last `reset` (or measurement)."""
 
   def __init__(self, cfg: config_lib.Config, step: int):
-    self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+    self.tokens_per_step = cfg.tokens_per_step
     self.flops_per_step = model_lib.flops_per_token(cfg.model) * self.tokens_per_step
     self.peak = peak_flops_per_device(cfg.train) * jax.device_count()
     self.reset(step)

@@ -95,16 +95,17 @@ def lower_steps(cfg: config_lib.Config, tx, schedule, mesh, platform: str | None
   abstract, shardings = state_shardings(cfg.model, tx, mesh)
   batches = sharding.batch_sharding(mesh)
   platforms = None if platform is None else (platform,)
+  micro_batch, accum_steps = cfg.train.micro_batches(sharding.batch_shards(mesh))
 
   def batch_spec(accum):
-    return jax.ShapeDtypeStruct((accum, cfg.train.batch_size, cfg.model.block_size), jnp.int32, sharding=batches)
+    return jax.ShapeDtypeStruct((accum, micro_batch, cfg.model.block_size), jnp.int32, sharding=batches)
 
   with jax.set_mesh(mesh):
     train_step = jax.jit(
         make_train_step(cfg.model, tx, schedule, cfg.train.seed),
         in_shardings=(shardings, batches, batches), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-    ).trace(abstract, batch_spec(cfg.train.grad_accum_steps), batch_spec(cfg.train.grad_accum_steps))
+    ).trace(abstract, batch_spec(accum_steps), batch_spec(accum_steps))
     eval_step = jax.jit(
         make_eval_step(cfg.model), in_shardings=(shardings.params, batches, batches),
         out_shardings=sharding.replicated(mesh),

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptjax import checkpoint
+from gptjax import compile_cache
 from gptjax import config as config_lib
 from gptjax import data
 from gptjax import hooks
@@ -29,21 +30,26 @@ from gptjax import steps as steps_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.model import kernels
+from gptjax.model import layers
 from gptjax.steps import TrainState
 
 EXECUTION_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention")  # how a run computes, not what it learns
 
 
-def _with_architecture(cfg: config_lib.Config, model: config_lib.ModelConfig) -> config_lib.Config:
-  """`cfg` with `model`'s architecture; its execution fields (dropout, dtype, remat, scan) stay `cfg`'s."""
-  execution = {name: getattr(cfg.model, name) for name in EXECUTION_FIELDS}
-  return dataclasses.replace(cfg, model=dataclasses.replace(model, **execution))
+def _with_architecture(cfg: config_lib.Config, model: config_lib.ModelConfig, source: str) -> config_lib.Config:
+  """`cfg` with `model`'s architecture (from `source`). Its execution fields (dropout, dtype, remat,
+  scan, attention) and its context (model.block_size, at most the model's positions) stay `cfg`'s."""
+  if cfg.model.block_size > model.position_limit:
+    raise UserError(f"model.block_size={cfg.model.block_size} is longer than the {model.position_limit} positions "
+                    f"{source} takes: set model.block_size to at most {model.position_limit}")
+  kept = {name: getattr(cfg.model, name) for name in (*EXECUTION_FIELDS, "block_size")}
+  return dataclasses.replace(cfg, model=dataclasses.replace(model, max_positions=model.position_limit, **kept))
 
 
 def _how_computed_aside(model: config_lib.ModelConfig) -> config_lib.ModelConfig:
   """What a resumed run must keep: remat, scanning and the attention implementation may change, they
   compute the same values."""
-  return dataclasses.replace(model, remat="none", scan_layers=True, attention="auto")
+  return dataclasses.replace(model, remat="none", scan_layers="auto", attention="auto")
 
 
 def _describe(tokenizer_meta: dict) -> str:
@@ -75,7 +81,7 @@ def resolve_run(cfg: config_lib.Config, manager, resume: bool, meta: dict) -> tu
     _, (saved_cfg, _) = checkpoint.first_intact(
         manager, t.out_dir, "latest", lambda step: checkpoint.read_config(manager, step), quiet=True)
     if t.init_from:  # a fine-tuning run's architecture is the one it started from
-      cfg = _with_architecture(cfg, saved_cfg.model)
+      cfg = _with_architecture(cfg, saved_cfg.model, t.init_from)
     if _how_computed_aside(saved_cfg.model) != _how_computed_aside(cfg.model):
       raise UserError(f"the model config differs from the checkpoint's in {t.out_dir}; saved: {saved_cfg.model}")
     return cfg, latest, None
@@ -84,7 +90,7 @@ def resolve_run(cfg: config_lib.Config, manager, resume: bool, meta: dict) -> tu
     if source_tokenizer != meta["tokenizer"]:
       raise UserError(f"{cfg.data.mixture or cfg.data.dir} was prepared with another tokenizer ({_describe(meta['tokenizer'])}) "
                       f"than {t.init_from} uses ({_describe(source_tokenizer)})")
-    return _with_architecture(cfg, source_cfg.model), None, source_step
+    return _with_architecture(cfg, source_cfg.model, t.init_from), None, source_step
   return cfg, None, None
 
 
@@ -124,9 +130,11 @@ def _loss_estimator(steps: steps_lib.Steps, splits: dict, batch_args: dict, mesh
 
 def _start_line(cfg: config_lib.Config, steps: steps_lib.Steps, mesh, start_step: int, resume: bool) -> str:
   t = cfg.train
+  micro, accum = t.micro_batches(sharding.batch_shards(mesh))
   return (f"gptjax: {model_lib.count_params(steps.abstract.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
-          f"{jax.device_count()} {jax.devices()[0].platform} devices, "
-          f"{t.batch_size * t.grad_accum_steps * cfg.model.block_size} tokens/step, "
+          f"{mesh.devices.size} {jax.devices()[0].platform} devices, "
+          f"{cfg.tokens_per_step} tokens/step ({t.batch_size} x {cfg.model.block_size}: {accum} micro-step"
+          f"{'s' if accum > 1 else ''} of {micro // sharding.batch_shards(mesh)} per device), "
           f"{'resuming at' if resume else 'starting at'} step {start_step} of {t.max_iters}"
           f"{f', fine-tuning {t.init_from}' if t.init_from else ''}")
 
@@ -144,15 +152,14 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
   t = cfg.train
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  if t.batch_size % sharding.batch_shards(mesh):
-    raise UserError(f"train.batch_size={t.batch_size} is not divisible by data*fsdp={sharding.batch_shards(mesh)}")
+  micro_batch, accum_steps = t.micro_batches(sharding.batch_shards(mesh))
   manager = checkpoint.open_manager(t.out_dir, keep=t.keep_checkpoints, create=False)
   cfg, resume_step, source_step = resolve_run(cfg, manager, resume, meta)
   attention = kernels.report(cfg.model, cfg.model.block_size)  # an explicit kernel that cannot run stops here
-  batch_args = dict(batch_size=t.batch_size, block_size=cfg.model.block_size, weights=prepared.weights,
+  batch_args = dict(batch_size=micro_batch, block_size=cfg.model.block_size, weights=prepared.weights,
                     process_index=jax.process_index(), process_count=jax.process_count())
   splits = prepared.splits
-  train_batches = data.TokenBatches(splits["train"], accum_steps=t.grad_accum_steps, seed=t.seed,
+  train_batches = data.TokenBatches(splits["train"], accum_steps=accum_steps, seed=t.seed,
                                     fingerprint=prepared.fingerprint, name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
   tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
@@ -169,6 +176,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                disable=None if progress_bar and jax.process_index() == 0 else True)  # None: only on a terminal
     log(_start_line(cfg, steps, mesh, start_step, resume))
     log(attention)
+    log(layers.scan_report(cfg.model))
+    log(compile_cache.report())
     for line in sharding.unsplit_report(*model_lib.abstract_params(cfg.model), mesh):
       log(line)
     if (no_peak := metrics.peak_report(t)) is not None:

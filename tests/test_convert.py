@@ -194,7 +194,7 @@ def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
   def config(out_name, *extra):  # the shipped recipe, shortened, with a learning rate for a random model
     overrides = [
         f"data.dir={tmp_path / 'data'}", f"train.init_from={imported}", f"train.out_dir={tmp_path / out_name}",
-        "model.dropout=0.1", "train.grad_accum_steps=1", "train.max_iters=10", "train.eval_iters=2",
+        "model.dropout=0.1", "train.batch_size=8", "train.device_batch_size=0", "train.max_iters=10", "train.eval_iters=2",
         "train.checkpoint_interval=5", "train.log_interval=5", "optim.learning_rate=2e-3", "optim.min_lr=2e-4", *extra]
     return config_lib.load_config("finetune_shakespeare", list({o.split("=")[0]: o for o in overrides}.values()))
 

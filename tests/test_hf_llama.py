@@ -169,18 +169,27 @@ def test_fine_tuning_an_imported_llama_on_data_prepared_with_its_tokenizer_then_
   _, _, hf_dir, imported = family
   prepared = run_cli("prepare", "--tokenizer", hf_dir / "tokenizer.json", "--out", tmp_path / "data")
   assert prepared.returncode == 0, prepared.stderr
-  args = ["train", "shakespeare_char_cpu", f"data.dir={tmp_path / 'data'}", f"train.init_from={imported}",
-          f"train.out_dir={tmp_path / 'tuned'}", "train.batch_size=4", "train.eval_iters=2", "train.log_interval=2",
-          "train.checkpoint_interval=4", "train.eval_interval=4", "optim.warmup_iters=2", "optim.lr_decay_iters=100",
-          "--no-progress"]
+  common = ["train", "shakespeare_char_cpu", f"data.dir={tmp_path / 'data'}", f"train.init_from={imported}",
+            f"train.out_dir={tmp_path / 'tuned'}", "train.batch_size=4", "train.eval_iters=2", "train.log_interval=2",
+            "train.checkpoint_interval=4", "train.eval_interval=4", "optim.warmup_iters=2", "optim.lr_decay_iters=100",
+            "--no-progress"]
+  args = [*common, "model.block_size=32"]  # the model takes 64 positions; the run trains on 32
   first = run_cli(*args, "train.max_iters=4")
   assert first.returncode == 0, first.stderr
-  assert f"fine-tuning {imported}" in first.stdout and "parameters" in first.stdout
+  assert f"fine-tuning {imported}" in first.stdout and "128 tokens/step (4 x 32: 1 micro-step of 4 per device)" in first.stdout
   resumed = run_cli(*args, "train.max_iters=6", "--resume")
   assert resumed.returncode == 0, resumed.stderr
   assert "resuming at step 4 of 6" in resumed.stdout and "done: step 6" in resumed.stdout
   cfg = load_checkpoint(tmp_path / "tuned", "latest")[0]
-  assert cfg.model == load_checkpoint(imported)[0].model  # the architecture is the imported model's
+  imported_model = load_checkpoint(imported)[0].model
+  assert imported_model.block_size == imported_model.max_positions == 64
+  assert cfg.model == dataclasses.replace(imported_model, block_size=32)  # the imported architecture, the run's context
+  assert run_cli("sample", "--checkpoint", tmp_path / "tuned", "--max-new-tokens", "40").returncode == 0  # past 32
+
+  too_long = run_cli(*[a.replace("/tuned", "/long") for a in common], "model.block_size=128", "train.max_iters=4")
+  one_line_error(too_long, f"model.block_size=128 is longer than the 64 positions {imported} takes: "
+                           "set model.block_size to at most 64")
+  assert not (tmp_path / "long").exists()
 
 
 def test_a_tokenizer_whose_template_starts_sequences_with_bos(tokenizer_json, tmp_path):

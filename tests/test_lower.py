@@ -14,7 +14,7 @@ from gptjax import sharding
 from conftest import one_line_error, run_cli
 
 SMALL = ["model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.block_size=128", "model.vocab_size=1000",
-         "train.batch_size=8", "train.grad_accum_steps=1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+         "train.batch_size=8", "train.device_batch_size=0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 GPT2 = ("gpt2_124m", SMALL)
 LLAMA = ("llama3_2_1b", [*SMALL, "model.n_kv_head=2", "model.head_dim=32", "model.mlp_hidden=256",
                          "model.scan_layers=false"])  # grouped-query heads, rotary positions, a padded vocabulary

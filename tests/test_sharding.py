@@ -25,7 +25,7 @@ from conftest import digest, load_checkpoint, one_line_error, run_cli, tiny, tin
 
 # 8 heads so that tensor=8 splits them; the 77-character vocabulary divides no tensor size > 1.
 SHORT_RUN = ["model.n_head=8", "train.max_iters=4", "train.eval_interval=4", "train.checkpoint_interval=4",
-             "model.dropout=0.1", "train.grad_accum_steps=2"]
+             "model.dropout=0.1", "train.batch_size=16", "train.grad_accum_steps=2"]
 
 
 def _mesh_overrides(mesh):

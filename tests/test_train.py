@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gptjax import checkpoint
+from gptjax import config as config_lib
 from gptjax import profile
 from gptjax import record
 from gptjax import train
@@ -42,6 +43,50 @@ def test_bfloat16_trains_on_a_cpu_mesh_with_float32_parameters_and_state(tmp_pat
   assert "attention: blocked (auto on cpu); matmuls in bfloat16" in out
   assert "MFU n/a: no peak FLOP/s known for device kind 'cpu'; set train.peak_flops_per_device" in out
   assert "not split: wte/embedding [77, 32]: vocab 77 over tensor=2 does not divide" in out  # 77 characters
+
+
+# The named configs' own batch and context, on models shrunk to one narrow block so that a step is quick.
+SHRUNK = {
+    "gpt2_124m": ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"],
+    "smollm2_135m": ["model.n_layer=1", "model.n_head=2", "model.n_kv_head=1", "model.n_embd=32", "model.mlp_hidden=64"],
+    "llama3_2_1b": ["model.n_layer=1", "model.n_head=2", "model.n_kv_head=1", "model.head_dim=16", "model.n_embd=32",
+                    "model.mlp_hidden=64"],
+}
+FSDP_BY_DEFAULT = {"llama3_2_1b"}
+
+
+def _start_named(name, devices, tmp_path, char_data, capsys):
+  stated = config_lib.load_config(name)
+  cfg = config_lib.load_config(name, [*SHRUNK[name], f"data.dir={char_data}", f"train.out_dir={tmp_path / 'out'}",
+                                      "train.max_iters=1", "train.eval_iters=1", "train.sample_tokens=0"])
+  result, state = train.train(cfg, progress_bar=False, devices=jax.devices()[:devices])
+  assert result["step"] == 1 and np.isfinite(result["val_loss"])
+  micro, accum = stated.train.micro_batches(devices)
+  start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("gptjax:"))
+  assert (f"{devices} cpu devices, {stated.tokens_per_step} tokens/step ({stated.train.batch_size} x "
+          f"{stated.model.block_size}: {accum} micro-step{'s' if accum > 1 else ''} of "
+          f"{micro // devices} per device)") in start
+  table = state.params["h"]["mlp"]["c_fc"]["kernel"]  # [layers, embed, mlp]
+  per_device = table.sharding.shard_shape(table.shape)
+  assert per_device[1] == (32 // devices if name in FSDP_BY_DEFAULT else 32)  # embed over fsdp: every device
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == table.shape]
+  assert len(moments) == 2 and all(x.sharding == table.sharding for x in moments)  # AdamW's, placed the same
+
+
+@pytest.mark.parametrize("name", ["gpt2_124m", "llama3_2_1b"])  # data parallel, FSDP
+def test_named_configs_start_on_8_devices_with_the_tokens_per_step_they_state(name, tmp_path, char_data, capsys):
+  _start_named(name, 8, tmp_path, char_data, capsys)
+
+
+# 10 runs of 0.5M-token steps (smollm2's takes 80 s); 8 devices above in the default run, and every
+# named config's split on 1, 2, 4 and 8 devices in test_config.
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", sorted(SHRUNK))
+def test_named_configs_start_on_1_2_4_and_8_devices(name, devices, tmp_path, char_data, capsys):
+  if devices == 8 and name != "smollm2_135m":
+    pytest.skip("in the default run")
+  _start_named(name, devices, tmp_path, char_data, capsys)
 
 
 def test_resume_continues_exactly(tmp_path, char_data):

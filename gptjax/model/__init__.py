@@ -65,6 +65,6 @@ def flops_per_token(cfg: ModelConfig) -> float:
   when the head is a matrix of its own) plus 12 * n_layer * n_head * head_dim * block_size for the
   attention scores and their weighted sum. Recomputation is not counted."""
   n_params = count_params(abstract_params(cfg)[0])
-  looked_up = (cfg.block_size * cfg.n_embd if cfg.positions == "learned" else 0) + \
+  looked_up = (cfg.position_limit * cfg.n_embd if cfg.positions == "learned" else 0) + \
       (0 if cfg.tie_embeddings else cfg.padded_vocab * cfg.n_embd)
   return 6 * (n_params - looked_up) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.block_size

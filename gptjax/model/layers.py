@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax.config import ModelConfig
+from gptjax.config import SCAN_FROM_LAYERS, ModelConfig
 
 _lowering_target: list[str] = []  # set by `lowering_for`
 
@@ -46,6 +46,24 @@ def compute_dtype(cfg: ModelConfig, target: str | None = None) -> jnp.dtype:
   if cfg.dtype == "auto":
     return jnp.float32 if (target or platform()) == "cpu" else jnp.bfloat16
   return jnp.dtype(cfg.dtype)
+
+
+def scanned(cfg: ModelConfig, target: str | None = None) -> bool:
+  """Whether the blocks run as one lax.scan: model.scan_layers, where auto scans on accelerators
+  and, on a CPU, stacks of SCAN_FROM_LAYERS or more (shallower ones step faster looped)."""
+  setting = str(cfg.scan_layers).lower()
+  if setting != "auto":
+    return setting == "true"
+  return (target or platform()) != "cpu" or cfg.n_layer >= SCAN_FROM_LAYERS
+
+
+def scan_report(cfg: ModelConfig) -> str:
+  """The start-up line: whether the blocks are scanned, and why."""
+  how = "scanned (one lax.scan: compile time flat in depth)" if scanned(cfg) else "looped (unrolled: faster steps on CPU)"
+  setting = str(cfg.scan_layers).lower()
+  why = f"model.scan_layers={setting}" if setting != "auto" else (
+      f"auto on {platform()}" + (f", {SCAN_FROM_LAYERS} layers or more scan" if platform() == "cpu" else ""))
+  return f"blocks: {cfg.n_layer} {how} ({why})"
 
 
 def axes(*names: str | None) -> dict:

@@ -26,7 +26,7 @@ from flax import nnx
 from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model.attention import CausalSelfAttention, KVCache
-from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, sow
+from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, scanned, sow
 from gptjax.model.mlp import MLP
 
 RESIDUAL_AXES = ("batch", "sequence", "embed")  # the residual stream [B, T, embd]
@@ -79,7 +79,7 @@ class GPT(nnx.Module):
     self.wte = nnx.Embed(cfg.padded_vocab, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
                          embedding_metadata=axes("vocab", "embed"), rngs=rngs)
     if cfg.positions == "learned":
-      self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
+      self.wpe = nnx.Embed(cfg.position_limit, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
                            embedding_metadata=axes(None, "embed"), rngs=rngs)
     self.h = _stacked_blocks(cfg, rngs)
     self.ln_f = norm(cfg, rngs=rngs)
@@ -168,9 +168,10 @@ class GPT(nnx.Module):
       params, key = per_layer
       return nnx.merge(graphdef, params)(x_BTD, None, None, key)[0], None
 
+    scan = scanned(self.cfg)
     if self.cfg.remat != "none":
-      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-    if self.cfg.scan_layers:
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not scan)
+    if scan:
       return jax.lax.scan(layer, x_BTD, (stacked, layer_keys))[0]
     # Unrolled: unstack each array once (its gradient is one stack, not n_layer padded slices).
     leaves, treedef = jax.tree.flatten((stacked, layer_keys))
