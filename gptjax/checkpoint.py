@@ -2,7 +2,9 @@
 checksums, format}.
 
 The latest `keep` checkpoints are kept for resuming, plus the one with the lowest validation
-loss. Parameters and optimizer state are separate items so that sampling and evaluation read only
+loss. A save that cannot wait for an evaluation (a preemption's, a timed one) is written unranked,
+without a validation loss: never the best, kept while it is among the latest, and ranked (`rank`)
+once a run that resumes from it has evaluated it. Parameters and optimizer state are separate items so that sampling and evaluation read only
 the parameters. Arrays restore onto whatever shardings the caller asks for, so a checkpoint saved
 on one mesh loads on another. A weights-only checkpoint (`save_weights`: step 0 with params, config
 and tokenizer, as `gptjax convert import` writes) can be sampled, evaluated and fine-tuned from, but
@@ -16,6 +18,7 @@ warning (`first_intact`), and `--resume` moves it to OUT_DIR/damaged so new save
 """
 
 import contextlib
+import json
 import math
 import os
 import pathlib
@@ -112,7 +115,8 @@ def failed_saves_stop(manager: ocp.CheckpointManager, step: int | None):
 def open_manager(out_dir: str, *, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=keep),
-      checkpoint_managers.BestN(get_metric_fn=_val_loss, reverse=True, n=1),
+      # Unranked saves (no metrics) are neither the best nor kept for being unranked: LatestN keeps them.
+      checkpoint_managers.BestN(get_metric_fn=_val_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
       create=create, preservation_policy=policy, best_fn=_val_loss, best_mode="min")
@@ -126,14 +130,15 @@ def _all_finite(tree) -> jax.Array:
 
 
 def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, progress: dict,
-         config: config_lib.Config, tokenizer: dict, val_loss: float) -> None:
+         config: config_lib.Config, tokenizer: dict, val_loss: float | None) -> None:
   """Saves asynchronously; `manager.wait_until_finished()` before relying on the files. Refuses
-  non-finite parameters; a non-finite validation loss is recorded as +inf, so it is never the best."""
+  non-finite parameters; a non-finite validation loss is recorded as +inf, so it is never the best.
+  `val_loss` None: unranked (not evaluated yet)."""
   if not _all_finite(params):
     raise UserError(f"the parameters at step {step} are not finite; not saving them over the checkpoints in "
                     f"{manager.directory}: lower optim.learning_rate")
-  val_loss = float(val_loss) if math.isfinite(val_loss) else math.inf
-  manager.save(step, metrics={"val_loss": val_loss}, args=ocp.args.Composite(
+  metrics = None if val_loss is None else {"val_loss": _rankable(val_loss)}
+  manager.save(step, metrics=metrics, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state),
       progress=ocp.args.JsonSave(progress),
@@ -142,6 +147,29 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, progre
       checksums=ocp.args.JsonSave({"algorithm": checksum.ALGORITHM, "params": checksum.checksums(params),
                                    "opt_state": checksum.checksums(opt_state)}),
       format=ocp.args.JsonSave({"version": FORMAT_VERSION})))
+
+
+def _rankable(val_loss: float) -> float:
+  return float(val_loss) if math.isfinite(val_loss) else math.inf
+
+
+def unranked(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether `step` was saved without a validation loss (and is not a weights-only checkpoint)."""
+  return has_train_state(manager, step) and manager.metrics(step) is None
+
+
+def rank(manager: ocp.CheckpointManager, step: int, val_loss: float) -> None:
+  """Records the validation loss of `step`, saved unranked, so that it competes for best. Written
+  where the manager keeps each step's metrics (`STEP/metrics/metrics`, JSON), whole or not at all."""
+  if jax.process_index() == 0:
+    item = pathlib.Path(manager.directory) / str(step) / ocp.checkpoint_manager.METRIC_ITEM_NAME
+    item.mkdir(exist_ok=True)
+    tmp = item / f".{ocp.checkpoint_manager.METRIC_ITEM_NAME}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.write_text(json.dumps({"val_loss": _rankable(val_loss)}))
+    os.replace(tmp, item / ocp.checkpoint_manager.METRIC_ITEM_NAME)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"gptjax: step {step} ranked")
+  manager.reload()
 
 
 def save_weights(out_dir: str, params, *, config: config_lib.Config, tokenizer: dict) -> None:

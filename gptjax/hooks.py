@@ -134,8 +134,9 @@ class PlotLoss:
 
 
 class SaveCheckpoint:
-  """An asynchronous checkpoint with the latest evaluation's validation loss (to keep the best).
-  A save that fails, now or in the background, stops the run with one line (`check` each step)."""
+  """An asynchronous checkpoint with this step's validation loss (to keep the best), evaluated
+  first; `unranked` saves at once, without it. A save that fails, now or in the background, stops
+  the run with one line (`check` each step)."""
 
   def __init__(self, manager, evaluation: Evaluate, batches: data.TokenBatches, cfg: Config,
                tokenizer: dict, throughput: metrics_lib.Throughput):
@@ -147,12 +148,27 @@ class SaveCheckpoint:
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
     if self.evaluation.latest.get("step") != step:  # the best checkpoint is chosen by this step's val loss
       self.evaluation(step, state)
+    self._write(step, state)
+
+  def unranked(self, step: int, state: TrainState) -> None:
+    """Saves now, without evaluating (a preemption gives seconds): ranked only when a run resumes
+    from it (`rank_resumed`), unless this step has been evaluated already."""
+    self._write(step, state)
+
+  def rank_resumed(self, step: int, state: TrainState) -> None:
+    """The step a run resumes from, if it was saved unranked: evaluated now, its loss recorded."""
+    if checkpoint.unranked(self.manager, step):
+      self.evaluation(step, state)
+      checkpoint.rank(self.manager, step, self.evaluation.latest["val_loss"])
+
+  def _write(self, step: int, state: TrainState) -> None:
     self.wait()  # Orbax would wait for the previous save too; this way its failure names its step
     self.saving, self.saved_at = step, time.monotonic()
+    evaluated = self.evaluation.latest.get("step") == step
     with checkpoint.failed_saves_stop(self.manager, step):
       checkpoint.save(self.manager, step, params=state.params, opt_state=state.opt_state,
                       progress={"step": step, "data": self.batches.state()}, config=self.cfg,
-                      tokenizer=self.tokenizer, val_loss=self.evaluation.latest["val_loss"])
+                      tokenizer=self.tokenizer, val_loss=self.evaluation.latest["val_loss"] if evaluated else None)
     self.throughput.reset(step)
 
   def check(self, *unused) -> None:
@@ -173,8 +189,8 @@ class SaveCheckpoint:
 
 
 class SaveEvery:
-  """A checkpoint once `minutes` have passed since the last save began: run it at log steps. In a
-  multi-process run process 0's clock decides for all."""
+  """A checkpoint, unranked, once `minutes` have passed since the last save began: run it at log
+  steps. In a multi-process run process 0's clock decides for all."""
 
   def __init__(self, save: SaveCheckpoint, minutes: float):
     self.save, self.seconds = save, minutes * 60
@@ -184,7 +200,7 @@ class SaveEvery:
     if jax.process_count() > 1:
       due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
     if due and self.save.saving != step:
-      self.save(step, state, step_metrics)
+      self.save.unranked(step, state)
 
 
 class Preempted(Exception):
@@ -193,7 +209,8 @@ class Preempted(Exception):
 
 class SaveOnSignal:
   """On SIGTERM (a preemption, `scancel`) or SIGINT (Ctrl-C), the step under way finishes, a
-  checkpoint of it is saved and waited for, and training stops; a second signal exits at once,
+  checkpoint of it is saved at once (unranked: nothing is evaluated first) and waited for, and
+  training stops; a second signal exits at once,
   leaving the checkpoints as they are. The handlers are in place between `install` and `restore`.
 
   In a multi-process run, JAX's preemption service (started by `jax.distributed.initialize`) takes
@@ -230,7 +247,7 @@ class SaveOnSignal:
     elif self.received is None:
       return
     if self.save.saving != step:
-      self.save(step, state, step_metrics)
+      self.save.unranked(step, state)
     self.save.wait()
     raise Preempted(f"stopped by {self.received} at step {step}, saved in {self.save.cfg.train.out_dir}; "
                     f"continue with: {self.resume_hint}")

@@ -209,7 +209,9 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     ]
     on_signal.install()
     try:
-      if start_step >= t.max_iters:  # already done: report it
+      if resume_step is not None:
+        save.rank_resumed(start_step, state)  # a preemption's save is evaluated now that there is time
+      if start_step >= t.max_iters and evaluation.latest.get("step") != start_step:  # already done: report it
         evaluation.report(start_step, state)
       profiler(start_step, state, {})  # train.profile=0:N starts before the first step
       for step in range(start_step, t.max_iters):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 import re
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 
 from gptjax import checkpoint
+from gptjax import hooks
 from gptjax import config as config_lib
 from gptjax import profile
 from gptjax import record
+from gptjax import steps as steps_lib
 from gptjax import train
 
 from conftest import digest, load_checkpoint, one_line_error, run_cli, start_cli, tiny, tiny_config
@@ -197,14 +200,70 @@ def test_a_second_signal_exits_at_once_leaving_the_checkpoints_intact(tmp_path, 
 
 
 def test_time_based_checkpoints(tmp_path, char_data):
-  """train.checkpoint_minutes: a save at the first log step after that long (here: at every one)."""
+  """train.checkpoint_minutes: a save at the first log step after that long (here: at every one),
+  unranked: nothing is evaluated for it, and it is never the best."""
   cfg = tiny_config(tmp_path, f"data.dir={char_data}", "train.max_iters=20", "train.log_interval=5",
                     "train.checkpoint_interval=1000", "train.eval_interval=1000", "train.keep_checkpoints=10",
                     "train.checkpoint_minutes=1e-6")
   train.train(cfg, progress_bar=False, devices=jax.devices()[:1])
   manager = checkpoint.open_manager(str(tmp_path / "out"), create=False)
   assert manager.all_steps() == [5, 10, 15, 20]
+  assert [manager.metrics(step) is None for step in (5, 10, 15, 20)] == [True, True, True, False]
+  assert manager.best_step() == 20  # the end of the run is evaluated
+  assert [row["step"] for row in record.read_rows(tmp_path / "out") if row["kind"] == "eval"] == [20]
   manager.close()
+
+
+def test_sigterm_saves_before_any_evaluation_and_the_step_is_ranked_once_resumed(tmp_path, char_data, monkeypatch):
+  """A preemption's save comes first: no evaluation batch runs between the signal and the save. The
+  step is unranked (never the best, not deleted while among the latest) until the resumed run
+  evaluates it; the resumed run ends as an uninterrupted one does."""
+  events = []
+  compile_steps = steps_lib.compile_steps
+
+  def counting_eval_batches(*args):
+    steps = compile_steps(*args)
+    return dataclasses.replace(steps, eval=lambda *a: (events.append("eval batch"), steps.eval(*a))[1])
+
+  save = checkpoint.save
+  monkeypatch.setattr(steps_lib, "compile_steps", counting_eval_batches)
+  monkeypatch.setattr(checkpoint, "save", lambda manager, step, **kw: (events.append(f"save {step}"),
+                                                                         save(manager, step, **kw))[1])
+  on_signal = hooks.SaveOnSignal.__call__
+
+  def preempted_at_step_6(self, step, state, step_metrics):
+    if step == 6 and self.received is None:
+      events.append("SIGTERM")
+      signal.raise_signal(signal.SIGTERM)  # handled by the run's handler before the call below
+    return on_signal(self, step, state, step_metrics)
+
+  monkeypatch.setattr(hooks.SaveOnSignal, "__call__", preempted_at_step_6)
+  common = [f"data.dir={char_data}", "train.checkpoint_interval=4", "train.eval_interval=4", "train.eval_iters=3",
+            "train.keep_checkpoints=1", "model.dropout=0.1"]
+  devices = jax.devices()[:1]
+  stopped, _ = train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=10"), progress_bar=False, devices=devices)
+  assert stopped["step"] == 6 and "stopped by SIGTERM at step 6" in stopped["stopped"]
+  assert events[events.index("SIGTERM"):] == ["SIGTERM", "save 6"]  # no evaluation batch between them
+  assert events[:events.index("SIGTERM")].count("eval batch") == 2 * 3  # step 4's evaluation: 3 batches per split
+  manager = checkpoint.open_manager(str(tmp_path / "b" / "out"), create=False)
+  assert manager.all_steps() == [4, 6] and manager.metrics(6) is None and manager.best_step() == 4
+  manager.close()
+
+  monkeypatch.setattr(hooks.SaveOnSignal, "__call__", on_signal)
+  events.clear()
+  ranked, _ = train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=6"), resume=True,
+                          progress_bar=False, devices=devices)  # nothing left to train: step 6 is evaluated, ranked
+  assert events == ["eval batch"] * 6 and ranked["step"] == 6
+  manager = checkpoint.open_manager(str(tmp_path / "b" / "out"), create=False)
+  assert manager.metrics(6) == {"val_loss": ranked["val_loss"]}
+  assert manager.best_step() == min((4, 6), key=lambda step: manager.metrics(step)["val_loss"])
+  manager.close()
+  resumed, _ = train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=10"), resume=True,
+                           progress_bar=False, devices=devices)
+  straight, _ = train.train(tiny_config(tmp_path / "a", *common, "train.max_iters=10"), progress_bar=False,
+                            devices=devices)
+  assert resumed == straight
+  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "a" / "out"), _final_params(tmp_path / "b" / "out"))
 
 
 def test_a_second_trainer_on_the_same_run_is_refused_and_a_stale_lock_is_not(tmp_path, char_data):
