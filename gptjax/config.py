@@ -176,14 +176,15 @@ class TrainConfig:
     if self.device_batch_size and self.grad_accum_steps:
       if self.device_batch_size * self.grad_accum_steps != per_device:
         raise UserError(f"train.device_batch_size={self.device_batch_size} x grad_accum_steps={self.grad_accum_steps} "
-                        f"is not train.batch_size={self.batch_size} / {shards} devices = {per_device}: set one of the two")
+                        f"is not train.batch_size={self.batch_size} / {shards} device{'s' * (shards > 1)} = {per_device}: "
+                        "set one of the two")
       return self.device_batch_size * shards, self.grad_accum_steps
     if self.device_batch_size or self.grad_accum_steps:
       given, name = ((self.device_batch_size, "device_batch_size") if self.device_batch_size
                      else (self.grad_accum_steps, "grad_accum_steps"))
       if per_device % given:
         fits = max(d for d in range(1, given + 1) if per_device % d == 0)
-        raise UserError(f"train.batch_size={self.batch_size} over {shards} devices is {per_device} sequences per "
+        raise UserError(f"train.batch_size={self.batch_size} over {shards} device{'s' * (shards > 1)} is {per_device} sequences per "
                         f"device, not a multiple of train.{name}={given}: set train.{name} to a divisor of "
                         f"{per_device} (e.g. {fits}), or train.batch_size to a multiple of {given * shards}")
       if self.device_batch_size:

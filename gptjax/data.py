@@ -1,7 +1,7 @@
 """Data: the token files that `gptjax prepare` wrote, and random training windows drawn from them.
 
     DIR/train.bin, DIR/val.bin   flat token ids (uint16, or uint32 for vocabularies over 65536)
-    DIR/meta.json                tokenizer, vocabulary size, dtype, counts, source, fingerprint
+    DIR/meta.json                tokenizer, vocabulary size, dtype, counts, largest token id, source, fingerprint
 
 A run reads one such folder (data.dir) or a weighted mixture of several (data.mixture).
 `TokenBatches` draws random windows. Batch i depends only on (seed, i), so the iterator's state is
@@ -12,6 +12,7 @@ very same stream, and refuses other data.
 import dataclasses
 import hashlib
 import json
+import mmap
 import pathlib
 
 import numpy as np
@@ -37,21 +38,28 @@ def load_meta(data_dir: str) -> dict:
 
 
 def load_tokens(data_dir: str, split: str) -> np.ndarray:
-  """One split's token ids as a read-only memory map."""
+  """One split's token ids, a read-only memory map of the file."""
   meta = load_meta(data_dir)
   path = pathlib.Path(data_dir) / f"{split}.bin"
   if not path.is_file() or path.stat().st_size == 0:
     raise UserError(f"{path} is missing or empty: prepare the data again")
   if path.stat().st_size % np.dtype(meta["dtype"]).itemsize:
     raise UserError(f"{path} is not a whole number of {meta['dtype']} tokens (cut short?): prepare the data again")
-  tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+  with open(path, "rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  if hasattr(mmap, "MADV_RANDOM"):  # windows at random places: no megabytes of read-ahead around each
+    mapped.madvise(mmap.MADV_RANDOM)
+  tokens = np.frombuffer(mapped, dtype=meta["dtype"])
   expected = meta.get("tokens", {}).get(split)
   if expected is not None and len(tokens) != expected:
     raise UserError(f"{path} holds {len(tokens):,} tokens, its meta.json says {expected:,}: prepare the data again")
-  largest = int(tokens.max())  # one pass over the file; an id off the embedding table would train on garbage
-  if largest >= meta["vocab_size"]:
-    raise UserError(f"{path} holds token id {largest}, not below the vocabulary size {meta['vocab_size']} "
-                    "of its meta.json: prepare the data again")
+  # An id off the embedding table would train on garbage. The range is prepare's record (never a pass
+  # over the files: hundreds of GB per host); every batch is checked too (`TokenBatches`), which is
+  # all a folder prepared before the record gets.
+  largest = meta.get("max_token_id")
+  if largest is not None and largest >= meta["vocab_size"]:
+    raise UserError(f"{data_dir}/meta.json says its tokens reach id {largest}, not below its vocabulary size "
+                    f"{meta['vocab_size']}: prepare the data again")
   return tokens
 
 
@@ -92,7 +100,8 @@ class TokenBatches:
 
   def __init__(self, tokens: np.ndarray | list[np.ndarray], *, batch_size: int, block_size: int,
                accum_steps: int = 1, seed: int = 0, step: int = 0, process_index: int = 0, process_count: int = 1,
-               weights: tuple[float, ...] = (1.0,), fingerprint: str | None = None, name: str = "data"):
+               weights: tuple[float, ...] = (1.0,), fingerprint: str | None = None, name: str = "data",
+               vocab_size: int | None = None):
     self.sources = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
     for source in self.sources:
       if len(source) < block_size + 1:
@@ -100,7 +109,7 @@ class TokenBatches:
                         f"{block_size} + 1: use more text or a smaller model.block_size")
     if batch_size % process_count:
       raise UserError(f"batch size {batch_size} is not divisible by {process_count} processes")
-    self.block_size, self.seed, self.step = block_size, seed, step
+    self.block_size, self.seed, self.step, self.name, self.vocab_size = block_size, seed, step, name, vocab_size
     self.weights, self.fingerprint = np.asarray(weights, np.float64), fingerprint
     self.shape = (accum_steps, batch_size)
     local = batch_size // process_count
@@ -120,6 +129,9 @@ class TokenBatches:
       for k, tokens in enumerate(self.sources):
         starts = (place[which == k] * (len(tokens) - self.block_size)).astype(np.int64)
         windows[which == k] = tokens[starts[:, None] + offsets]
+    if self.vocab_size is not None and windows.size and (largest := int(windows.max())) >= self.vocab_size:
+      raise UserError(f"batch {step} of the {self.name} split holds token id {largest}, not below the vocabulary "
+                      f"size {self.vocab_size}: the token files are not what meta.json describes; prepare the data again")
     windows = windows.astype(np.int32)
     return windows[..., :-1], windows[..., 1:]  # [accum, local_batch, block] each
 

@@ -235,7 +235,7 @@ def _write(corpus: sources.Source, tok: tokenizer_lib.Tokenizer, out: pathlib.Pa
   """Tokenizes `corpus` into OUT/{train,val}.bin.tmp; returns their metadata."""
   dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
   counts = {"tokens": {"train": 0, "val": 0}, "documents": {"train": 0, "val": 0}}
-  text_bytes, last_start, bar = 0, -1, _Progress(corpus, progress)
+  text_bytes, last_start, largest, bar = 0, -1, 0, _Progress(corpus, progress)
   init_args = (tok.to_meta(), None if corpus.has_val else val_fraction, dtype.name)
   with open(out / "train.bin.tmp", "wb") as train, open(out / "val.bin.tmp", "wb") as val:
     files = {"train": train, "val": val}
@@ -244,6 +244,7 @@ def _write(corpus: sources.Source, tok: tokenizer_lib.Tokenizer, out: pathlib.Pa
         last_start = counts["tokens"]["train"] + encoded["last_train_start"]
       for split, ids in encoded["ids"].items():
         files[split].write(ids.tobytes())
+        largest = max(largest, int(ids.max(initial=0)))
         counts["tokens"][split] += len(ids)
         counts["documents"][split] += encoded["documents"][split]
       text_bytes += encoded["bytes"]
@@ -255,7 +256,7 @@ def _write(corpus: sources.Source, tok: tokenizer_lib.Tokenizer, out: pathlib.Pa
   if not counts["tokens"]["val"] and not corpus.has_val:
     held_out = _hold_out(out, counts, last_start, val_fraction, dtype.itemsize, corpus.name)
   meta = {"tokenizer": tok.to_meta(), "vocab_size": tok.vocab_size, "dtype": dtype.name, "source": corpus.name,
-          **counts, "validation": held_out}
+          **counts, "max_token_id": largest, "validation": held_out}
   meta["fingerprint"] = fingerprint(out, meta, ".tmp")
   return meta
 

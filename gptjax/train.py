@@ -157,11 +157,13 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   cfg, resume_step, source_step = resolve_run(cfg, manager, resume, meta)
   attention = kernels.report(cfg.model, cfg.model.block_size)  # an explicit kernel that cannot run stops here
   batch_args = dict(batch_size=micro_batch, block_size=cfg.model.block_size, weights=prepared.weights,
+                    vocab_size=meta["vocab_size"],
                     process_index=jax.process_index(), process_count=jax.process_count())
   splits = prepared.splits
   train_batches = data.TokenBatches(splits["train"], accum_steps=accum_steps, seed=t.seed,
                                     fingerprint=prepared.fingerprint, name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
+  train_batches.batch(0)  # drawn (and its token ids checked) before anything is written
   tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
   tok = tokenizer_lib.from_meta(meta["tokenizer"])
   sample_prompt = hooks.sample_prompt_ids(tok, t.sample_prompt)  # checked before anything is written

@@ -2,6 +2,7 @@
 changed in the run directory, the prepared data, or the inputs given. Each case runs the command
 as a user would, against the tiny trained run; `{new}` is a path that must stay uncreated."""
 
+import json
 import shutil
 
 import numpy as np
@@ -79,8 +80,21 @@ CASES = {
                              "meta.json lacks 'vocab_size'"),
     "train.bin cut short": (train("data.dir={inp}/odd_bin", "train.out_dir={new}"),
                             "train.bin is not a whole number of uint16 tokens"),
+    "a batch that does not split into device batches": (train("train.device_batch_size=5"),
+        "train.batch_size=8 over 1 device is 8 sequences per device, not a multiple of train.device_batch_size=5",
+        "(e.g. 4)"),
+    "device batch and accumulation that disagree": (train("train.device_batch_size=2", "train.grad_accum_steps=2"),
+        "train.device_batch_size=2 x grad_accum_steps=2 is not train.batch_size=8 / 1 device = 8: set one of the two"),
+    "negative device batch": (train("train.device_batch_size=-1"), "train.device_batch_size and grad_accum_steps must be >= 0"),
+    "block_size beyond max_positions": (train("model.max_positions=16"),
+                                        "model.block_size=32 is longer than the model's 16 positions (model.max_positions)"),
+    "fine-tuning at a longer context than the model takes": (train("train.init_from={run}", "model.block_size=64"),
+        "model.block_size=64 is longer than the 32 positions", "set model.block_size to at most 32"),
+    "unknown scan_layers": (train("model.scan_layers=sometimes"), "model.scan_layers='sometimes' is not auto, true or false"),
     "token ids beyond the vocabulary": (train("data.dir={inp}/big_ids", "train.out_dir={new}"),
-                                        "train.bin holds token id 200, not below the vocabulary size 77"),
+                                        "batch 0 of the train split holds token id 200, not below the vocabulary size 77"),
+    "meta.json's token range beyond its vocabulary": (train("data.dir={inp}/big_range", "train.out_dir={new}"),
+                                                      "meta.json says its tokens reach id 200, not below its vocabulary size 77"),
     # train: the run directory
     "an existing run without --resume": (train("data.dir={data}", "train.out_dir={run}"), "already holds checkpoints", "--resume"),
     "--resume with no checkpoint": (train("--resume"), "--resume: no checkpoint"),
@@ -161,15 +175,17 @@ def inputs(tmp_path_factory, char_data):
   import pyarrow.parquet as pq
   pq.write_table(pa.table({"content": ["one", "two"]}), d / "docs.parquet")
   prepare.prepare(sources.BUILTIN_SHAKESPEARE, "char", str(d / "resplit"), val_fraction=0.2)  # the same text, other splits
-  for name in ("meta_not_json", "meta_incomplete", "odd_bin", "big_ids"):
+  for name in ("meta_not_json", "meta_incomplete", "odd_bin", "big_ids", "big_range"):
     shutil.copytree(char_data, d / name)
   (d / "meta_not_json" / "meta.json").write_text("{not json")
   (d / "meta_incomplete" / "meta.json").write_text('{"dtype": "uint16"}')
   with open(d / "odd_bin" / "train.bin", "ab") as f:
     f.write(b"\0")  # one byte: half a uint16 token
   tokens = np.fromfile(d / "big_ids" / "train.bin", np.uint16)
-  tokens[1000] = 200  # 77 characters: ids 0..76
+  tokens[:] = 200  # written over after prepare (77 characters: ids 0..76), so every batch holds it
   tokens.tofile(d / "big_ids" / "train.bin")
+  meta = json.loads((d / "big_range" / "meta.json").read_text())
+  (d / "big_range" / "meta.json").write_text(json.dumps({**meta, "max_token_id": 200}))
   return d
 
 

@@ -1,8 +1,13 @@
+import ctypes
 import json
+import mmap
+import os
+import resource
 
 import numpy as np
 import pytest
 
+from gptjax import config as config_lib
 from gptjax import data
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
@@ -95,3 +100,63 @@ def test_load_prepared_mixes_folders_of_one_tokenizer(tmp_path):
   prepare.prepare(str(tmp_path / "c.txt"), "char", str(tmp_path / "c_char"))
   with pytest.raises(UserError, match="prepared with another tokenizer"):
     data.load_prepared(config_lib.DataConfig(mixture=f"{tmp_path / 'a'}:1,{tmp_path / 'c_char'}:1"))
+
+
+def _copy_prepared(src, dst):
+  dst.mkdir()
+  for name in ("meta.json", "train.bin", "val.bin"):
+    (dst / name).write_bytes((src / name).read_bytes())
+  return dst
+
+
+def _resident_share(path) -> float:
+  """The share of `path`'s pages in the page cache (mincore), from 0 to 1."""
+  libc, page, size = ctypes.CDLL(None, use_errno=True), resource.getpagesize(), path.stat().st_size
+  pages = (ctypes.c_ubyte * -(-size // page))()
+  with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mapped:
+    start = ctypes.c_char.from_buffer(mapped)
+    assert libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), pages) == 0, ctypes.get_errno()
+    del start  # the mapping closes only without pointers into it
+  return sum(p & 1 for p in pages) / len(pages)
+
+
+def _evicted(path):
+  with open(path, "r+b") as f:
+    os.fsync(f.fileno())
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+  assert _resident_share(path) < 0.05
+  return path
+
+
+def test_the_token_range_is_prepares_record_and_starting_does_not_read_the_files(char_data, tmp_path):
+  """meta.json holds the largest id; a start reads it, not the token files: loading a folder with
+  a 64 MiB train split and drawing a batch brings a few of its pages into memory, where a pass
+  over the file (what the range check was) brings them all."""
+  meta = json.loads((char_data / "meta.json").read_text())
+  assert meta["max_token_id"] == int(np.fromfile(char_data / "train.bin", np.uint16).max()) == 76
+  folder = _copy_prepared(char_data, tmp_path / "big")
+  tokens = np.resize(np.fromfile(char_data / "train.bin", np.uint16), 32 * 2**20)
+  tokens.tofile(folder / "train.bin")
+  (folder / "meta.json").write_text(json.dumps({**meta, "tokens": {**meta["tokens"], "train": len(tokens)}}))
+
+  _evicted(folder / "train.bin")
+  prepared = data.load_prepared(config_lib.DataConfig(dir=str(folder)))
+  data.TokenBatches(prepared.splits["train"], batch_size=8, block_size=64, vocab_size=77).batch(0)
+  assert _resident_share(folder / "train.bin") < 0.1
+  _evicted(folder / "train.bin")
+  assert prepared.splits["train"][0].max() == 76 and _resident_share(folder / "train.bin") > 0.9  # a full pass
+
+
+def test_a_folder_prepared_before_the_range_was_recorded_is_checked_per_batch(char_data, tmp_path):
+  folder = _copy_prepared(char_data, tmp_path / "old")
+  meta = json.loads((folder / "meta.json").read_text())
+  del meta["max_token_id"]
+  (folder / "meta.json").write_text(json.dumps(meta))
+  train = data.load_prepared(config_lib.DataConfig(dir=str(folder))).splits["train"]
+  batches = data.TokenBatches(train, batch_size=8, block_size=64, vocab_size=77)
+  assert batches.batch(0)[0].max() < 77  # it still trains
+  tokens = np.memmap(folder / "train.bin", np.uint16, mode="r+")
+  tokens[:] = 80  # then written over
+  tokens.flush()
+  with pytest.raises(UserError, match="batch 3 of the data split holds token id 80, not below the vocabulary size 77"):
+    batches.batch(3)
