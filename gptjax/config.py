@@ -52,6 +52,9 @@ class ModelConfig:
   # blocks that skip the keys above the diagonal: 2x faster on CPU), or auto: cudnn on GPUs and splash
   # on TPUs where they apply, else xla; blocked on CPU (gptjax.model.kernels).
   attention: str = "auto"
+  # Positions per chunk of the LM head and cross-entropy in training, evaluation and perplexity: one
+  # chunk's [B, chunk, vocab] float32 logits exist at a time (gptjax.model.loss); 0: all at once.
+  loss_chunk: int = 512
   # The Llama / Qwen family, as options of the one model; the defaults are GPT-2's.
   positions: str = "learned"  # learned (a position table) or rope (rotary, applied to queries and keys)
   rope_theta: float = 10000.0
@@ -295,6 +298,7 @@ def validate(cfg: Config) -> Config:
        "model.vocab_size, block_size, n_layer, n_head and n_embd must be positive"),
       (m.n_head <= 0 or m.head_dim or m.n_embd % m.n_head == 0,
        f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head} (or set model.head_dim)"),
+      (m.loss_chunk >= 0, f"model.loss_chunk={m.loss_chunk} is negative (0: the whole sequence at once)"),
       (m.max_positions >= 0, f"model.max_positions={m.max_positions} is negative (0: model.block_size)"),
       (m.block_size <= m.position_limit,
        f"model.block_size={m.block_size} is longer than the model's {m.max_positions} positions (model.max_positions)"),

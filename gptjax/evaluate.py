@@ -21,7 +21,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from gptjax import checkpoint
@@ -50,9 +49,7 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int,
 @functools.partial(jax.jit, static_argnames="cfg")
 def _window_nll(params, inputs, targets, weights, *, cfg: ModelConfig):
   """inputs, targets, weights: [W, block] -> summed weighted NLL over the windows."""
-  logits = model_lib.bind(cfg, params)(inputs)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return jnp.sum(nll * weights)
+  return jnp.sum(model_lib.bind(cfg, params).nll(inputs, targets) * weights)
 
 
 def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, batch_size: int = 8,

@@ -28,14 +28,9 @@ class TrainState:
   opt_state: Any
 
 
-def cross_entropy(logits, targets):
-  """Mean next-token cross-entropy. logits: [B, T, V] float32, targets: int [B, T]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-
 def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, schedule, seed: int):
   def loss_fn(params, inputs, targets, dropout_key):
-    return cross_entropy(model_lib.bind(cfg, params)(inputs, dropout_key=dropout_key), targets)
+    return model_lib.bind(cfg, params).nll(inputs, targets, dropout_key=dropout_key).mean()
 
   def train_step(state: TrainState, inputs, targets):
     step_key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -61,7 +56,7 @@ def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformatio
 
 def make_eval_step(cfg: config_lib.ModelConfig):
   def eval_step(params, inputs, targets):  # inputs, targets: [1, batch, block]
-    return cross_entropy(model_lib.bind(cfg, params)(inputs[0]), targets[0])
+    return model_lib.bind(cfg, params).nll(inputs[0], targets[0]).mean()
 
   return eval_step
 

@@ -33,7 +33,7 @@ from gptjax.model import kernels
 from gptjax.model import layers
 from gptjax.steps import TrainState
 
-EXECUTION_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention")  # how a run computes, not what it learns
+EXECUTION_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention", "loss_chunk")  # how a run computes, not what it learns
 
 
 def _with_architecture(cfg: config_lib.Config, model: config_lib.ModelConfig, source: str) -> config_lib.Config:
@@ -47,9 +47,9 @@ def _with_architecture(cfg: config_lib.Config, model: config_lib.ModelConfig, so
 
 
 def _how_computed_aside(model: config_lib.ModelConfig) -> config_lib.ModelConfig:
-  """What a resumed run must keep: remat, scanning and the attention implementation may change, they
-  compute the same values."""
-  return dataclasses.replace(model, remat="none", scan_layers="auto", attention="auto")
+  """What a resumed run must keep: remat, scanning, the attention kernel and the loss's chunks may
+  change, they compute the same values."""
+  return dataclasses.replace(model, remat="none", scan_layers="auto", attention="auto", loss_chunk=0)
 
 
 def _describe(tokenizer_meta: dict) -> str:

@@ -90,6 +90,7 @@ CASES = {
                                         "model.block_size=32 is longer than the model's 16 positions (model.max_positions)"),
     "fine-tuning at a longer context than the model takes": (train("train.init_from={run}", "model.block_size=64"),
         "model.block_size=64 is longer than the 32 positions", "set model.block_size to at most 32"),
+    "negative loss_chunk": (train("model.loss_chunk=-1"), "model.loss_chunk=-1 is negative (0: the whole sequence at once)"),
     "unknown scan_layers": (train("model.scan_layers=sometimes"), "model.scan_layers='sometimes' is not auto, true or false"),
     "token ids beyond the vocabulary": (train("data.dir={inp}/big_ids", "train.out_dir={new}"),
                                         "batch 0 of the train split holds token id 200, not below the vocabulary size 77"),

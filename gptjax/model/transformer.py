@@ -27,6 +27,7 @@ from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model.attention import CausalSelfAttention, KVCache
 from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, scanned, sow
+from gptjax.model.loss import LOGITS_AXES, next_token_nll
 from gptjax.model.mlp import MLP
 
 RESIDUAL_AXES = ("batch", "sequence", "embed")  # the residual stream [B, T, embd]
@@ -91,8 +92,18 @@ class GPT(nnx.Module):
 
   def __call__(self, tokens_BT, *, dropout_key: jax.Array | None = None):
     """tokens: int [B, T] -> logits float32 [B, T, vocab]. Dropout only when given a key."""
-    logits_BTV, _ = self._forward(tokens_BT, None, dropout_key)
-    return logits_BTV
+    x_BTD, _ = self._forward(tokens_BT, None, dropout_key)
+    return self._logits(x_BTD)
+
+  def nll(self, tokens_BT, targets_BT, *, dropout_key: jax.Array | None = None):
+    """The next-token cross-entropy [B, T] (float32) of `targets` after `tokens`, from the head and
+    the loss computed in chunks of model.loss_chunk positions (`loss.next_token_nll`): the
+    whole [B, T, vocab] logits never exist. Dropout only when given a key."""
+    x_BTD, _ = self._forward(tokens_BT, None, dropout_key)
+    dtype = compute_dtype(self.cfg)
+    table_VD = sharding.constrain(self._head_table(), ("vocab", None))  # gathered over fsdp once, not per chunk
+    return next_token_nll(x_BTD.astype(dtype), table_VD.astype(dtype), targets_BT, vocab_size=self.cfg.vocab_size,
+                          chunk=self.cfg.loss_chunk)
 
   def init_cache(self, batch: int, length: int | None = None) -> KVCache:
     """An empty cache for `length` positions (default: the whole context, block_size)."""
@@ -117,11 +128,12 @@ class GPT(nnx.Module):
     """tokens [B, T] continue the cached sequence -> (the next token's logits [B, vocab], the
     extended cache). Only the last position goes through the LM head. The caller keeps
     cache.length + T within the cache and block_size (`gptjax.sample` restarts the cache before)."""
-    logits_B1V, cache = self._forward(tokens_BT, cache, None, layers, prefill)
-    return logits_B1V[:, 0], cache.replace(length=cache.length + tokens_BT.shape[1])
+    x_B1D, cache = self._forward(tokens_BT, cache, None, layers, prefill)
+    return self._logits(x_B1D)[:, 0], cache.replace(length=cache.length + tokens_BT.shape[1])
 
   def _forward(self, tokens_BT, cache: KVCache | None, dropout_key, layers=None, prefill: bool = False):
-    """-> (logits [B, T, vocab] without a cache, or of the last position [B, 1, vocab] with one; the cache)."""
+    """-> (the final norm's output [B, T, embd] without a cache, or of the last position [B, 1, embd]
+    with one; the cache)."""
     cfg = self.cfg
     start = 0 if cache is None else cache.length
     embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
@@ -145,18 +157,22 @@ class GPT(nnx.Module):
       x_BTD = x_BTD[:, -1:]
     x_BTD = self.ln_f(x_BTD)
     sow(self, "ln_f", x_BTD)
-    logits_BTV = self._head(x_BTD)
-    if cfg.padded_vocab > cfg.vocab_size:  # padding rows: never sampled, never part of a softmax
+    return x_BTD, cache
+
+  def _logits(self, x_BTD):
+    """The LM head: [B, T, embd] -> float32 logits [B, T, vocab]; the matmul's inputs in the compute
+    dtype, its accumulation and output in float32 (a bfloat16 output would round every logit).
+    Padded vocabulary rows get the lowest logit: never sampled, never part of a softmax."""
+    cfg, dtype = self.cfg, compute_dtype(self.cfg)
+    logits_BTV = float32_logits(x_BTD.astype(dtype), self._head_table().astype(dtype))
+    if cfg.padded_vocab > cfg.vocab_size:
       logits_BTV = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits_BTV, jnp.finfo(jnp.float32).min)
     sow(self, "logits", logits_BTV)
-    return sharding.constrain(logits_BTV, ("batch", "sequence", "vocab")), cache
+    return sharding.constrain(logits_BTV, LOGITS_AXES)
 
-  def _head(self, x_BTD):
-    """The LM head: [B, T, embd] -> float32 logits [B, T, vocab]; the matmul's inputs in the compute
-    dtype, its accumulation and output in float32 (a bfloat16 output would round every logit)."""
-    dtype = compute_dtype(self.cfg)
-    table_VD = self.wte.embedding[...] if self.cfg.tie_embeddings else self.lm_head.kernel[...].T
-    return float32_logits(x_BTD.astype(dtype), table_VD.astype(dtype))
+  def _head_table(self):
+    """The LM head's [padded vocab, embd] table: the token embedding (tied) or lm_head's kernel."""
+    return self.wte.embedding[...] if self.cfg.tie_embeddings else self.lm_head.kernel[...].T
 
   def _blocks(self, x_BTD, layer_keys):
     """Runs the stacked blocks in order (training and evaluation); layer_keys (or None) has a leading layer axis."""
