@@ -128,7 +128,7 @@ def model_config_from_hf(hf: dict, source: str) -> config_lib.ModelConfig:
       raise UserError(f"{source}: {what} is not supported")
   try:
     cfg = config_lib.ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], max_positions=hf["n_positions"], n_layer=hf["n_layer"],
+        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
         n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
         dropout=0.0, bias=True)
   except KeyError as e:

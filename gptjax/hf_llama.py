@@ -50,8 +50,7 @@ def model_config_from_hf(hf: dict, source: str) -> config_lib.ModelConfig:
   scaled = rope["rope_type"] == "llama3"
   try:
     cfg = config_lib.ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-        max_positions=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
         n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
         n_kv_head=_unless(hf.get("num_key_value_heads"), hf["num_attention_heads"]),
         head_dim=_unless(hf.get("head_dim"), hf["hidden_size"] // hf["num_attention_heads"]),

@@ -103,3 +103,15 @@ def test_nnx_vs_linen_prints_its_tables():
 def test_record_cost_prints_its_table():
   output = run_benchmark("record_cost.py", "--tiny", "--rounds", 1)
   assert len(table_rows(output, "train step")) == 1 and len(table_rows(output, "evaluation's")) == 2
+
+
+@pytest.mark.slow  # 40 s: two runs with an empty and a filled compilation cache
+def test_startup_measures_a_cold_and_a_warm_start():
+  rows = table_rows(run_benchmark("startup.py", "--tiny"), "train 4 x 64")
+  assert len(rows) == 1 and float(rows[0][1]) > 0 and float(rows[0][2]) > 0, rows
+
+
+@pytest.mark.slow  # 30 s: one train step's temporaries, compiled three times for 8 devices
+def test_loss_memory_reports_the_chunked_steps_temporaries():
+  output = run_benchmark("loss_memory.py", "--config", "llama_shakespeare_cpu", "--vocab", "77")
+  assert len(table_rows(output, "model.loss_chunk")) == 3, output

@@ -182,8 +182,8 @@ def test_fine_tuning_an_imported_llama_on_data_prepared_with_its_tokenizer_then_
   assert "resuming at step 4 of 6" in resumed.stdout and "done: step 6" in resumed.stdout
   cfg = load_checkpoint(tmp_path / "tuned", "latest")[0]
   imported_model = load_checkpoint(imported)[0].model
-  assert imported_model.block_size == imported_model.max_positions == 64
-  assert cfg.model == dataclasses.replace(imported_model, block_size=32)  # the imported architecture, the run's context
+  assert imported_model.position_limit == 64 and cfg.model.position_limit == 64
+  assert cfg.model == dataclasses.replace(imported_model, block_size=32, max_positions=64)  # the import's, at the run's context
   assert run_cli("sample", "--checkpoint", tmp_path / "tuned", "--max-new-tokens", "40").returncode == 0  # past 32
 
   too_long = run_cli(*[a.replace("/tuned", "/long") for a in common], "model.block_size=128", "train.max_iters=4")

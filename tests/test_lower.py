@@ -14,10 +14,11 @@ from gptjax import sharding
 from conftest import one_line_error, run_cli
 
 SMALL = ["model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.block_size=128", "model.vocab_size=1000",
-         "train.batch_size=8", "train.device_batch_size=0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+         "train.batch_size=8", "train.device_batch_size=0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+         "model.scan_layers=false"]  # each layer's kernels in the module (scanned, one loop body holds them)
 GPT2 = ("gpt2_124m", SMALL)
-LLAMA = ("llama3_2_1b", [*SMALL, "model.n_kv_head=2", "model.head_dim=32", "model.mlp_hidden=256",
-                         "model.scan_layers=false"])  # grouped-query heads, rotary positions, a padded vocabulary
+LLAMA = ("llama3_2_1b", [*SMALL, "model.n_kv_head=2", "model.head_dim=32", "model.mlp_hidden=256"])
+# grouped-query heads, rotary positions, a padded vocabulary
 CONFIGS = {"gpt2": GPT2, "llama": LLAMA}
 
 

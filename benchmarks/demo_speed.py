@@ -1,0 +1,63 @@
+"""The CPU demo's training speed (`gptjax train shakespeare_char_cpu`, what `scripts/demo.sh`
+runs) from two or more source trees side by side: tokens/s as the run logs it.
+
+    python benchmarks/demo_speed.py --trees /tmp/old .          # e.g. a worktree of an older commit
+    python benchmarks/demo_speed.py --trees . --steps 60 --rounds 1
+
+Each run is a separate process with its compilation cache off; the trees alternate within every
+round. A run's figure is the median of its log lines' tokens/s (over `train.log_interval=20`
+steps), the first left out; the table gives the median over rounds and each round's ratio to the
+first tree.
+"""
+
+import argparse
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _tokens_per_s(tree: pathlib.Path, data: pathlib.Path, out: pathlib.Path, steps: int) -> float:
+  env = {**os.environ, "PYTHONPATH": str(tree), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": ""}
+  env.pop("XLA_FLAGS", None)
+  run = subprocess.run([sys.executable, "-m", "gptjax.cli", "train", "shakespeare_char_cpu", f"data.dir={data}",
+                        f"train.out_dir={out}", f"train.max_iters={steps}", "train.log_interval=20",
+                        "train.eval_interval=100000", "train.checkpoint_interval=100000", "train.eval_iters=2",
+                        "train.sample_tokens=0", "--no-progress"], capture_output=True, text=True, env=env, cwd=tree)
+  if run.returncode:
+    raise SystemExit(f"{tree}: {run.stderr[-2000:]}")
+  rates = [float(m.replace(",", "")) for m in re.findall(r"([\d,.]+) tokens/s", run.stdout)]
+  return statistics.median(rates[1:])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--trees", nargs="+", default=[str(ROOT)])
+  parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--rounds", type=int, default=3)
+  args = parser.parse_args()
+  trees = [pathlib.Path(t).resolve() for t in args.trees]
+  with tempfile.TemporaryDirectory() as tmp:
+    data = pathlib.Path(tmp) / "data"
+    subprocess.run([sys.executable, "-m", "gptjax.cli", "prepare", "--input", "builtin:shakespeare", "--tokenizer",
+                    "char", "--out", str(data)], check=True, capture_output=True, cwd=trees[0],
+                   env={**os.environ, "PYTHONPATH": str(trees[0])})
+    rates = {tree: [] for tree in trees}
+    for round_ in range(args.rounds):
+      for i, tree in enumerate(trees):
+        rates[tree].append(_tokens_per_s(tree, data, pathlib.Path(tmp) / f"out-{round_}-{i}", args.steps))
+  print("| tree | tokens/s (median) | ratio to the first (per round) |")
+  print("|---|---|---|")
+  for tree in trees:
+    ratios = [r / f for r, f in zip(rates[tree], rates[trees[0]])]
+    print(f"| {tree} | {statistics.median(rates[tree]):,.0f} | {statistics.median(ratios):.2f} "
+          f"({', '.join(f'{r:.2f}' for r in ratios)}) |")
+
+
+if __name__ == "__main__":
+  main()
