@@ -51,7 +51,8 @@ CASES = {  # name: (what, gptjax arguments with {data}, {bpe} and {demo}, whethe
     "deep": ("train 48 x 64, to step 1",
              ["train", "shakespeare_char_cpu", "model.n_layer=48", "model.n_embd=64", "data.dir={data}", *TRAIN], True),
     "gpt2": ("train gpt2_124m (batch 1 x 1024), to step 1",
-             ["train", "gpt2_124m", "data.dir={bpe}", "train.batch_size=1", *TRAIN], True),
+             ["train", "gpt2_124m", "data.dir={bpe}", "train.batch_size=1", "train.grad_accum_steps=1",
+              "train.device_batch_size=0", *TRAIN], True),
     "onestep": ("train 4 x 64, a whole one-step run (evaluation, sample, save)",
                 [*TINY, "train.max_iters=1", "train.eval_iters=2", "--no-progress"], False),
     "sample": ("gptjax sample, 100 tokens, demo checkpoint",
@@ -114,6 +115,7 @@ def main() -> None:
   cases = ["tiny"] if args.tiny else args.cases.split(",")
   rounds = 1 if args.tiny else args.rounds
   source = pathlib.Path(args.source).resolve()
+  legacy = not (source / "gptjax" / "compile_cache.py").exists()  # from before train.device_batch_size
   with tempfile.TemporaryDirectory() as tmp:
     work = pathlib.Path(tmp)
     paths = _prepare(work, source, cases)  # folders named by the cases' {data}, {bpe}, {demo}
@@ -124,7 +126,8 @@ def main() -> None:
         for kind in ("cold", "warm"):
           out = work / f"out-{case}-{round_}-{kind}"
           _, template, stop_at_step = CASES[case]
-          argv = [a.format(**paths) for a in template] + ([f"train.out_dir={out}"] if template[0] == "train" else [])
+          argv = [a.format(**paths) for a in template if not (legacy and a.startswith("train.device_batch_size"))]
+          argv += [f"train.out_dir={out}"] if template[0] == "train" else []
           results[case][kind].append(_run(argv, cache, source, stop_at_step))
   print("| case | cold s | warm s | warm / cold | compilations cold | warm: compiled, cache hits |")
   print("|---|---|---|---|---|---|")
