@@ -33,6 +33,9 @@ from gptjax.config import ModelConfig
 from gptjax.errors import UserError
 
 
+BATCH_TOKENS = 16_384  # the default batch of windows: 256 of the demo's 64 tokens, 8 of 2048 (few dispatches)
+
+
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
   """(begin, end, first_scored) per window: it reads tokens[begin:end] and scores positions
   [first_scored, end), each predicted from the tokens before it inside the window."""
@@ -101,7 +104,8 @@ def main(argv=None) -> None:
   source.add_argument("--split", choices=["train", "val"], help="a split of the run's prepared data")
   parser.add_argument("--data-dir", default=None, help="prepared data for --split (default: the run's data.dir)")
   parser.add_argument("--stride", type=int, default=None, help="window stride (default: block_size // 2)")
-  parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+  parser.add_argument("--batch-size", type=int, default=None,
+                      help=f"windows per forward pass (default: about {BATCH_TOKENS:,} tokens' worth)")
   parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.tensor=N (default: data parallel)")
   args = parser.parse_intermixed_args(argv)
 
@@ -118,7 +122,7 @@ def main(argv=None) -> None:
     tokens = data.load_tokens(data_dir, args.split)
     what = f"{data_dir} {args.split}"
   stride = cfg.model.block_size // 2 if args.stride is None else args.stride
-  result = perplexity(cfg.model, params, tokens, stride=stride, batch_size=args.batch_size, mesh=mesh,
-                      progress=True)
+  batch_size = max(1, BATCH_TOKENS // cfg.model.block_size) if args.batch_size is None else args.batch_size
+  result = perplexity(cfg.model, params, tokens, stride=stride, batch_size=batch_size, mesh=mesh, progress=True)
   print(f"{what} (checkpoint step {step}, context {cfg.model.block_size}, stride {stride}): "
         f"{result['tokens']:,} tokens, mean NLL {result['nll']:.4f} nats, perplexity {result['perplexity']:.3f}")
