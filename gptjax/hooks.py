@@ -135,7 +135,7 @@ class PlotLoss:
 
 class SaveCheckpoint:
   """An asynchronous checkpoint with this step's validation loss (to keep the best), evaluated
-  first; `unranked` saves at once, without it. A save that fails, now or in the background, stops
+  first; `save_now` saves at once, without it. A save that fails, now or in the background, stops
   the run with one line (`check` each step)."""
 
   def __init__(self, manager, evaluation: Evaluate, batches: data.TokenBatches, cfg: Config,
@@ -148,12 +148,7 @@ class SaveCheckpoint:
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
     if self.evaluation.latest.get("step") != step:  # the best checkpoint is chosen by this step's val loss
       self.evaluation(step, state)
-    self._write(step, state)
-
-  def unranked(self, step: int, state: TrainState) -> None:
-    """Saves now, without evaluating (a preemption gives seconds): ranked only when a run resumes
-    from it (`rank_resumed`), unless this step has been evaluated already."""
-    self._write(step, state)
+    self.save_now(step, state)
 
   def rank_resumed(self, step: int, state: TrainState) -> None:
     """The step a run resumes from, if it was saved unranked: evaluated now, its loss recorded."""
@@ -161,7 +156,9 @@ class SaveCheckpoint:
       self.evaluation(step, state)
       checkpoint.rank(self.manager, step, self.evaluation.latest["val_loss"])
 
-  def _write(self, step: int, state: TrainState) -> None:
+  def save_now(self, step: int, state: TrainState) -> None:
+    """Saves without evaluating (a preemption gives seconds): with this step's validation loss if it
+    has been evaluated, else unranked until a run resumes from it (`rank_resumed`)."""
     self.wait()  # Orbax would wait for the previous save too; this way its failure names its step
     self.saving, self.saved_at = step, time.monotonic()
     evaluated = self.evaluation.latest.get("step") == step
@@ -200,7 +197,7 @@ class SaveEvery:
     if jax.process_count() > 1:
       due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
     if due and self.save.saving != step:
-      self.save.unranked(step, state)
+      self.save.save_now(step, state)
 
 
 class Preempted(Exception):
@@ -247,7 +244,7 @@ class SaveOnSignal:
     elif self.received is None:
       return
     if self.save.saving != step:
-      self.save.unranked(step, state)
+      self.save.save_now(step, state)
     self.save.wait()
     raise Preempted(f"stopped by {self.received} at step {step}, saved in {self.save.cfg.train.out_dir}; "
                     f"continue with: {self.resume_hint}")

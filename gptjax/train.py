@@ -37,8 +37,8 @@ EXECUTION_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention", "lo
 
 
 def _with_architecture(cfg: config_lib.Config, model: config_lib.ModelConfig, source: str) -> config_lib.Config:
-  """`cfg` with `model`'s architecture (from `source`). Its execution fields (dropout, dtype, remat,
-  scan, attention) and its context (model.block_size, at most the model's positions) stay `cfg`'s."""
+  """`cfg` with `model`'s architecture (from `source`). Its execution fields (EXECUTION_FIELDS) and
+  its context (model.block_size, at most the model's positions) stay `cfg`'s."""
   if cfg.model.block_size > model.position_limit:
     raise UserError(f"model.block_size={cfg.model.block_size} is longer than the {model.position_limit} positions "
                     f"{source} takes: set model.block_size to at most {model.position_limit}")
