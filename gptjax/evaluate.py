@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from gptjax import checkpoint
 from gptjax import data
+from gptjax import executables
 from gptjax import model as model_lib
 from gptjax import sources
 from gptjax import sharding
@@ -60,7 +61,8 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
   """{"tokens": scored token count, "nll": mean NLL in nats, "perplexity": exp(nll)}.
 
   With a `mesh` (that `params` are placed on), each batch of windows is split over its batch
-  axes; `batch_size` is rounded up to a multiple of them (the extra windows weigh nothing).
+  axes; `batch_size` (at most the number of windows) is rounded up to a multiple of them (the
+  extra windows weigh nothing).
   `progress`: a bar of the windows done, on a terminal.
   """
   block = cfg.block_size
@@ -73,7 +75,7 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
   tokens = np.asarray(tokens, np.int32)
   windows = sliding_windows(len(tokens), block, stride)
   shards = sharding.batch_shards(mesh)
-  batch_size = -(-batch_size // shards) * shards
+  batch_size = -(-min(batch_size, len(windows)) // shards) * shards  # a short text: no rows of padding
   total_nll, total_count = 0.0, 0
   bar = tqdm(total=len(windows), unit="window", desc="perplexity", dynamic_ncols=True,
              disable=None if progress and jax.process_index() == 0 else True)  # None: only on a terminal
@@ -87,7 +89,8 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
       weights[row, scored_from - begin - 1:end - begin - 1] = 1.0
     total_count += int(weights.sum())
     with sharding.on_mesh(mesh):
-      total_nll += float(_window_nll(params, *sharding.put_rows((inputs, targets, weights), mesh), cfg=cfg))
+      args = (params, *sharding.put_rows((inputs, targets, weights), mesh))
+      total_nll += float(executables.compiled(_window_nll, *args, cfg=cfg)(*args))
     bar.update(len(windows[first:first + batch_size]))
   bar.close()
   nll = total_nll / total_count
