@@ -1,20 +1,13 @@
 """Test fixtures. The test process simulates 8 CPU devices so that sharding is tested for real;
-commands run as subprocesses see the machine's real devices. The test process and every command
-it runs share one compilation cache, made for the session (a user's own cache is not touched)."""
+commands run as subprocesses see the machine's real devices. The compilation cache is off for the
+session (a user's own cache is not touched): shared by every test, it made the suite slower
+(benchmarks/RESULTS.md); tests/test_compile_cache.py turns it on where it is what is tested."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = tempfile.mkdtemp(prefix="gptjax-test-compilation-cache-")
-  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-from gptjax import compile_cache  # noqa: E402 (imports no JAX)
-compile_cache.set_defaults()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # empty: off, in this process and the commands it runs
 
 import hashlib  # noqa: E402
 import subprocess  # noqa: E402

@@ -76,7 +76,7 @@ def _start_named(name, devices, tmp_path, char_data, capsys):
   assert len(moments) == 2 and all(x.sharding == table.sharding for x in moments)  # AdamW's, placed the same
 
 
-@pytest.mark.parametrize("name", ["gpt2_124m", "llama3_2_1b"])  # data parallel, FSDP
+@pytest.mark.parametrize("name", [pytest.param("gpt2_124m", marks=pytest.mark.slow), "llama3_2_1b"])  # data parallel, FSDP
 def test_named_configs_start_on_8_devices_with_the_tokens_per_step_they_state(name, tmp_path, char_data, capsys):
   _start_named(name, 8, tmp_path, char_data, capsys)
 
