@@ -46,7 +46,7 @@ cli.main(sys.argv[1:])
 """
 TRAIN = ["train.max_iters=2", "train.log_interval=1", "train.eval_iters=2", "--no-progress"]
 TINY = ["train", "shakespeare_char_cpu", "model.n_layer=4", "model.n_embd=64", "data.dir={data}"]
-CASES = {  # name: (what, gptjax arguments with {data}, {bpe} and {demo}, whether it stops at step 1)
+CASES = {  # name: (what, gptjax arguments with {data}, {bpe}, {demo} and {page}, whether it stops at step 1)
     "tiny": ("train 4 x 64 (0.2M parameters), to step 1", [*TINY, *TRAIN], True),
     "deep": ("train 48 x 64, to step 1",
              ["train", "shakespeare_char_cpu", "model.n_layer=48", "model.n_embd=64", "data.dir={data}", *TRAIN], True),
@@ -59,11 +59,14 @@ CASES = {  # name: (what, gptjax arguments with {data}, {bpe} and {demo}, whethe
                ["sample", "--checkpoint", "{demo}", "--prompt", "ROMEO:", "--max-new-tokens", "100"], False),
     "perplexity": ("gptjax perplexity --split val, demo checkpoint",
                    ["perplexity", "--checkpoint", "{demo}", "--split", "val"], False),
+    "perplexity_page": ("gptjax perplexity --text (a page: 3,000 characters), demo checkpoint",
+                        ["perplexity", "--checkpoint", "{demo}", "--text", "{page}"], False),
 }
 
 
 def _run(args: list[str], cache: str, source: pathlib.Path, stop_at_step: bool) -> tuple[float, int | None, int | None]:
-  """(seconds to `step 1:` (stop_at_step), else to exit; compilations; cache hits) of one process."""
+  """(seconds to `step 1:` (stop_at_step), else to exit; compilations; cache hits) of one process.
+  Executables loaded whole (gptjax.executables) are neither."""
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(source)}
   env.pop("XLA_FLAGS", None)
   start = time.perf_counter()
@@ -87,7 +90,8 @@ def _run(args: list[str], cache: str, source: pathlib.Path, stop_at_step: bool) 
 
 
 def _prepare(work: pathlib.Path, source: pathlib.Path, cases: list[str]) -> dict:
-  paths = {"data": work / "char", "bpe": work / "bpe", "demo": work / "demo"}
+  paths = {"data": work / "char", "bpe": work / "bpe", "demo": work / "demo", "page": work / "page.txt"}
+  paths["page"].write_text((source / "gptjax" / "assets" / "shakespeare.txt").read_text()[:3000])
   env = {**os.environ, "PYTHONPATH": str(source), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": ""}
   env.pop("XLA_FLAGS", None)
 
@@ -98,7 +102,7 @@ def _prepare(work: pathlib.Path, source: pathlib.Path, cases: list[str]) -> dict
   gptjax("prepare", "--input", "builtin:shakespeare", "--tokenizer", "char", "--out", paths["data"])
   if "gpt2" in cases:
     gptjax("prepare", "--input", "builtin:shakespeare", "--tokenizer", "gpt2", "--out", paths["bpe"])
-  if {"sample", "perplexity"} & set(cases):  # the demo's model, briefly trained
+  if {"sample", "perplexity", "perplexity_page"} & set(cases):  # the demo's model, briefly trained
     gptjax("train", "shakespeare_char_cpu", f"data.dir={paths['data']}", f"train.out_dir={paths['demo']}",
            "train.max_iters=20", "train.eval_iters=2", "train.sample_tokens=0", "--no-progress")
   return paths
@@ -118,7 +122,7 @@ def main() -> None:
   legacy = not (source / "gptjax" / "compile_cache.py").exists()  # from before train.device_batch_size
   with tempfile.TemporaryDirectory() as tmp:
     work = pathlib.Path(tmp)
-    paths = _prepare(work, source, cases)  # folders named by the cases' {data}, {bpe}, {demo}
+    paths = _prepare(work, source, cases)  # folders named by the cases' {data}, {bpe}, {demo}, {page}
     results = {case: {"cold": [], "warm": []} for case in cases}
     for round_ in range(rounds):
       for case in cases:
