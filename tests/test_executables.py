@@ -1,6 +1,7 @@
 """Executables kept across starts (the store is on here; the rest of the suite runs with it off)."""
 
 import functools
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +48,18 @@ def test_another_shape_dtype_sharding_or_static_argument_is_another_program(stor
   assert len(list(store.glob("*.bin"))) == 5
 
 
-def test_a_damaged_entry_is_compiled_again_and_replaced(store, monkeypatch):
+def _for_other_devices(entry: bytes) -> bytes:
+  *executable, _ = pickle.loads(entry)
+  return pickle.dumps((*executable, [99]))  # a device this machine does not have
+
+
+@pytest.mark.parametrize("damage", [lambda entry: entry[:1000], _for_other_devices],
+                         ids=["cut short", "for other devices"])
+def test_a_damaged_entry_is_compiled_again_and_replaced(store, monkeypatch, damage):
   x, y = np.ones(3, np.float32), np.float32(1)
   executables.compiled(_scaled, x, y, power=2)(x, y)
   [entry] = store.glob("*.bin")
-  entry.write_bytes(entry.read_bytes()[:1000])  # cut short, as by a full disk
+  entry.write_bytes(damage(entry.read_bytes()))
   _new_process(monkeypatch)
   assert float(executables.compiled(_scaled, x, y, power=2)(x, y)) == 3.0
   _new_process(monkeypatch)  # the replacement loads
