@@ -48,7 +48,7 @@ def _environment() -> str:
 def _key(jitted, args, static: dict) -> str:
   def describe(x):  # the executable holds its devices: their ids in the mesh's order are part of it
     if not isinstance(x, jax.Array):
-      return x.shape, str(x.dtype)
+      return str(jax.typeof(x))  # a NumPy array or a Python number (weakly typed)
     s = x.sharding
     devices = s.mesh.devices.ravel() if isinstance(s, jax.sharding.NamedSharding) else sorted(s.device_set, key=lambda d: d.id)
     return str(jax.typeof(x)), str(getattr(s, "spec", None)), getattr(getattr(s, "mesh", None), "shape_tuple", None), \
