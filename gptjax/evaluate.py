@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from gptjax import checkpoint
 from gptjax import data
-from gptjax import executables
 from gptjax import model as model_lib
 from gptjax import sources
 from gptjax import sharding
@@ -89,8 +88,7 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
       weights[row, scored_from - begin - 1:end - begin - 1] = 1.0
     total_count += int(weights.sum())
     with sharding.on_mesh(mesh):
-      args = (params, *sharding.put_rows((inputs, targets, weights), mesh))
-      total_nll += float(executables.compiled(_window_nll, *args, cfg=cfg)(*args))
+      total_nll += float(_window_nll(params, *sharding.put_rows((inputs, targets, weights), mesh), cfg=cfg))
     bar.update(len(windows[first:first + batch_size]))
   bar.close()
   nll = total_nll / total_count

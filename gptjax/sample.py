@@ -24,7 +24,6 @@ import numpy as np
 from tqdm import tqdm
 
 from gptjax import checkpoint
-from gptjax import executables
 from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax import tokenizer as tokenizer_lib
@@ -105,10 +104,9 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, *, max_new_tokens: in
     wanted = min(remaining, n_new)
     rng, key = jax.random.split(rng)
     with sharding.on_mesh(mesh):
-      args = (params, sharding.put_rows(context, mesh), done, key, np.int32(wanted))
-      chunk = executables.compiled(_generate_chunk, *args, cfg=cfg, n_new=n_new, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, eot_id=eot_id)
-      out, count, done = jax.device_get(chunk(*args))
+      out, count, done = jax.device_get(_generate_chunk(
+          params, sharding.put_rows(context, mesh), done, key, np.int32(wanted), cfg=cfg, n_new=n_new,
+          temperature=temperature, top_k=top_k, top_p=top_p, eot_id=eot_id))
     produced.append(out[:, :count])
     sequences = np.concatenate([sequences, out[:, :count]], axis=1)
     remaining -= wanted
