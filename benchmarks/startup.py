@@ -65,8 +65,7 @@ CASES = {  # name: (what, gptjax arguments with {data}, {bpe}, {demo} and {page}
 
 
 def _run(args: list[str], cache: str, source: pathlib.Path, stop_at_step: bool) -> tuple[float, int | None, int | None]:
-  """(seconds to `step 1:` (stop_at_step), else to exit; compilations; cache hits) of one process.
-  Executables loaded whole (gptjax.executables) are neither."""
+  """(seconds to `step 1:` (stop_at_step), else to exit; compilations; cache hits) of one process."""
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(source)}
   env.pop("XLA_FLAGS", None)
   start = time.perf_counter()

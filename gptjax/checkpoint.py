@@ -6,9 +6,9 @@ loss. A save that cannot wait for an evaluation (a preemption's, a timed one) is
 without a validation loss: never the best, kept while it is among the latest, and ranked (`rank`)
 once a run that resumes from it has evaluated it. Parameters and optimizer state are separate
 items so that sampling and evaluation read only the parameters. Arrays restore onto whatever
-shardings the caller asks for, so a checkpoint saved on one mesh loads on another. A weights-only checkpoint (`save_weights`: step 0 with params, config
-and tokenizer, as `gptjax convert import` writes) can be sampled, evaluated and fine-tuned from, but
-not resumed. Every checkpoint records its layout version (`format`); one of another layout is
+shardings the caller asks for, so a checkpoint saved on one mesh loads on another. A weights-only
+checkpoint (`save_weights`: step 0 with params, config and tokenizer, as `gptjax convert import`
+writes) can be sampled, evaluated and fine-tuned from, but not resumed. Every checkpoint records its layout version (`format`); one of another layout is
 refused with a line that says how to carry it over, never read as something it is not.
 
 Writing and reading fail safely. Before a run, the directory is checked for writes and room; a save

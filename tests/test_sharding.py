@@ -77,8 +77,8 @@ def one_device_run(tmp_path_factory, char_data):
                      devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh", [pytest.param((8, 1, 1), marks=pytest.mark.slow), pytest.param((1, 8, 1), marks=pytest.mark.slow), (2, 2, 2),
-                                  pytest.param((1, 1, 8), marks=pytest.mark.slow)], ids=str)  # (2,2,2) has all three axes
+@pytest.mark.parametrize("mesh", [pytest.param((8, 1, 1), marks=pytest.mark.slow), pytest.param((1, 8, 1), marks=pytest.mark.slow),
+                                  (2, 2, 2), pytest.param((1, 1, 8), marks=pytest.mark.slow)], ids=str)  # (2,2,2) has all three axes
 def test_mesh_shapes_match_one_device(tmp_path, char_data, one_device_run, mesh, capsys):
   result, state = train.train(tiny_config(tmp_path, f"data.dir={char_data}", *SHORT_RUN, *_mesh_overrides(mesh)),
                               progress_bar=False)
