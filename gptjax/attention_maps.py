@@ -97,12 +97,13 @@ def main(argv=None) -> None:
   weights = attention_weights(cfg.model, params, tokens_BT, layers)
   labels = [explain.token_label(tok, t) for t in tokens_BT[0]]
   output = args.output or os.path.join(args.checkpoint, "attention")
+  variants = "".join(f", {v}" for v in cfg.model.textbook_variants())  # a post-norm or position-free model says so
   try:
     os.makedirs(output, exist_ok=True)
     np.savez(os.path.join(output, "attention.npz"), weights=weights, layers=np.asarray(layers),
              tokens=tokens_BT[0], labels=np.asarray(labels))
     for i, weights_HTT in zip(layers, weights):
-      plot_layer(weights_HTT, labels, f"block {i} of {args.checkpoint} (step {step})",
+      plot_layer(weights_HTT, labels, f"block {i} of {args.checkpoint} (step {step}{variants})",
                  os.path.join(output, f"layer_{i}.png"))
   except OSError as e:
     raise UserError(f"cannot write to {output}: {e.strerror}") from None

@@ -24,6 +24,7 @@ from gptjax.errors import UserError
 REMAT_POLICIES = ("none", "full", "save_dots")
 # Training attention (gptjax.model.kernels): auto, or one kernel by name.
 ATTENTION_KERNELS = ("auto", "cudnn", "splash", "xla", "blocked")
+POSITIONS = ("learned", "sinusoidal", "rope", "none")
 SCAN_FROM_LAYERS = 16  # model.scan_layers=auto scans CPU models this deep (compile time over step time)
 
 
@@ -55,8 +56,17 @@ class ModelConfig:
   # Positions per chunk of the LM head and cross-entropy in training, evaluation and perplexity: one
   # chunk's [B, chunk, vocab] float32 logits exist at a time (gptjax.model.loss); 0: all at once.
   loss_chunk: int = 512
-  # The Llama / Qwen family, as options of the one model; the defaults are GPT-2's.
-  positions: str = "learned"  # learned (a position table) or rope (rotary, applied to queries and keys)
+  # The textbook variants, one switch each (the defaults are GPT-2's): where each block normalises,
+  # pre (x + Sublayer(Norm(x)): GPT-2, Llama) or post (Norm(x + Sublayer(x)): the original
+  # Transformer); the final norm before the LM head, auto: with pre-norm only (a post-norm block's
+  # output is normalised already); the scores' 1/sqrt(head size), sqrt or none.
+  norm_position: str = "pre"
+  final_norm: str = "auto"
+  attention_scale: str = "sqrt"
+  # Positions: learned (a position table, GPT-2), sinusoidal (the original Transformer's fixed table,
+  # added to the token embeddings), rope (rotary, applied to queries and keys: Llama / Qwen), or none
+  # (causal attention alone, as in NoPE studies).
+  positions: str = "learned"
   rope_theta: float = 10000.0
   rope_scaling_factor: float = 0.0  # Llama 3's long-context frequency scaling (e.g. 32 for Llama 3.2); 0: none
   rope_low_freq_factor: float = 1.0
@@ -75,6 +85,17 @@ class ModelConfig:
   @property
   def position_limit(self) -> int:
     return self.max_positions or self.block_size
+
+  @property
+  def has_final_norm(self) -> bool:
+    setting = str(self.final_norm).lower()
+    return setting == "true" or (setting == "auto" and self.norm_position == "pre")
+
+  def textbook_variants(self) -> list[str]:
+    """The settings of this model that neither GPT-2 nor the Llama family has, as `model.x=y`."""
+    differs = {"norm_position": self.norm_position != "pre", "final_norm": not self.has_final_norm,
+               "attention_scale": self.attention_scale != "sqrt", "positions": self.positions in ("sinusoidal", "none")}
+    return [f"model.{name}={getattr(self, name)}" for name, differ in differs.items() if differ]
 
   @property
   def kv_heads(self) -> int:
@@ -306,13 +327,17 @@ def validate(cfg: Config) -> Config:
        "model.n_kv_head, head_dim and mlp_hidden must be >= 0 (0: derived) and vocab_multiple positive"),
       (m.n_head <= 0 or m.n_head % m.kv_heads == 0,
        f"model.n_head={m.n_head} is not a multiple of model.n_kv_head={m.n_kv_head}"),
-      (m.positions in ("learned", "rope"), f"model.positions={m.positions!r} is not learned or rope"),
+      (m.positions in POSITIONS, f"model.positions={m.positions!r} is not one of {', '.join(POSITIONS)}"),
+      (m.norm_position in ("pre", "post"), f"model.norm_position={m.norm_position!r} is not pre or post"),
+      (str(m.final_norm).lower() in ("auto", "true", "false"), f"model.final_norm={m.final_norm!r} is not auto, true or false"),
+      (m.attention_scale in ("sqrt", "none"), f"model.attention_scale={m.attention_scale!r} is not sqrt or none"),
+      (m.positions != "sinusoidal" or m.n_embd % 2 == 0, "sinusoidal positions need an even model.n_embd (sin and cos pairs)"),
       (m.norm in ("layernorm", "rmsnorm"), f"model.norm={m.norm!r} is not layernorm or rmsnorm"),
       (m.mlp in ("gelu", "swiglu"), f"model.mlp={m.mlp!r} is not gelu or swiglu"),
       (m.positions == "rope" or not m.rope_scaling_factor, "model.rope_scaling_factor needs model.positions=rope"),
       (m.rope_theta > 0 and m.rope_scaling_factor >= 0 and m.rope_high_freq_factor > m.rope_low_freq_factor > 0,
        "model.rope_theta must be positive, rope_scaling_factor >= 0 and rope_high_freq_factor > rope_low_freq_factor > 0"),
-      (m.positions == "learned" or m.n_head <= 0 or m.head_size % 2 == 0,
+      (m.positions != "rope" or m.n_head <= 0 or m.head_size % 2 == 0,
        "rotary positions need an even head dimension"),
       (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} is not in [0, 1)"),
       (m.attention in ATTENTION_KERNELS, f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}"),

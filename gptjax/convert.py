@@ -271,6 +271,9 @@ def export_hf(run_dir: str, hf_dir: str, which: str = "best") -> int:
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise UserError(f"{hf_dir} already exists and is not empty; choose a new directory")
   cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(run_dir, which)
+  if variants := cfg.model.textbook_variants():
+    raise UserError(f"{', '.join(variants)}: neither GPT-2 nor the Llama family computes this, so Hugging Face "
+                    "cannot hold it; the checkpoint works with every gptjax command")
   if cfg.model.positions == "rope":  # the Llama / Qwen family
     config, tensors = hf_llama.hf_config(cfg.model), hf_llama.params_to_hf(params, cfg.model)
     tok = tokenizer_lib.from_meta(tokenizer_meta)

@@ -31,19 +31,19 @@ LEGEND = ("B batch, T positions (queries; keys too in T×T), D model width, H qu
 # (stage, its axes, what it is); a stage the model did not compute (another architecture's) is left out.
 BEFORE_BLOCKS = [
     ("token_embeddings", "B T D", "wte: the row of the [{V}, {D}] token table for each id"),
-    ("position_embeddings", "T D", "wpe: the row of the [{block}, {D}] position table for each position"),
+    ("position_embeddings", "T D", "{position_table}"),
     ("embeddings", "B T D", "token + position embeddings: the residual stream x"),
 ]
 BLOCK = [
     ("ln_1", "B T D", "{norm} of x, before attention (pre-norm)"),
-    ("attn/queries", "B T H K", "queries q = ln_1(x) W_q, split into {H} heads of {K}"),
-    ("attn/keys", "B T G K", "keys k = ln_1(x) W_k, {G} heads{shared}"),
-    ("attn/values", "B T G K", "values v = ln_1(x) W_v, {G} heads"),
+    ("attn/queries", "B T H K", "queries q = {attn_in} W_q, split into {H} heads of {K}"),
+    ("attn/keys", "B T G K", "keys k = {attn_in} W_k, {G} heads{shared}"),
+    ("attn/values", "B T G K", "values v = {attn_in} W_v, {G} heads"),
     ("attn/queries_normed", "B T H K", "RMSNorm over each query head's {K} values (qk_norm)"),
     ("attn/keys_normed", "B T G K", "RMSNorm over each key head's {K} values"),
     ("attn/queries_rotated", "B T H K", "rotary positions: each pair of q's values turned by position x a frequency"),
     ("attn/keys_rotated", "B T G K", "the same turn of k, so that q.k depends on how far apart two positions are"),
-    ("attn/scores", "B H T T", "scores q.k / sqrt({K}): each query position (row) against each key (column)"),
+    ("attn/scores", "B H T T", "scores {scores}: each query position (row) against each key (column)"),
     ("attn/masked", "B H T T", "causal mask, before the softmax: -inf above the diagonal (keys after the query)"),
     ("attn/weights", "B H T T", "softmax over the keys: each row sums to 1 and is 0 above the diagonal"),
     ("attn/weighted_values", "B T H K", "weights @ v: each position's mix of the values at and before it"),
@@ -57,6 +57,11 @@ BLOCK = [
     ("mlp/down", "B T D", "contraction c_proj: [{F}] -> [{D}]"),
     ("mlp_residual", "B T D", "residual add: x + MLP; the block's output"),
 ]
+# Post-norm (model.norm_position=post): each norm after its residual add, and the sublayers read x itself.
+POST_NORM = {"ln_1": ("ln_1", "B T D", "{norm} of x + attention (post-norm): the residual stream x from here"),
+             "mlp_residual": ("mlp_residual", "B T D", "residual add: x + MLP"),
+             "ln_2": ("ln_2", "B T D", "{norm} of x + MLP (post-norm): the block's output")}
+POST_NORM_ORDER = ["attn/", "attention_residual", "ln_1", "mlp/", "mlp_residual", "ln_2"]
 AFTER_BLOCKS = [
     ("ln_f", "B T D", "final {norm}"),
     ("logits", "B T V", "LM head, {head}: a score per vocabulary entry; the last row predicts the next token"),
@@ -73,7 +78,21 @@ def facts(cfg: config_lib.ModelConfig) -> dict:
       norm="RMSNorm (each position / its root mean square, x scale)" if rms else
       "LayerNorm (each position to mean 0, variance 1, x scale + bias)",
       activation="silu(gate) x up (SwiGLU)" if cfg.mlp == "swiglu" else "GELU (tanh approximation)",
-      head="x wte^T (tied to the token table)" if cfg.tie_embeddings else "x lm_head")
+      head="x wte^T (tied to the token table)" if cfg.tie_embeddings else "x lm_head",
+      attn_in="x" if cfg.norm_position == "post" else "ln_1(x)",
+      scores=f"q.k / sqrt({cfg.head_size})" if cfg.attention_scale == "sqrt" else
+      "q.k, unscaled (model.attention_scale=none: they grow with the head size)",
+      position_table=f"wpe: the row of the [{cfg.position_limit}, {cfg.n_embd}] position table for each position"
+      if cfg.positions == "learned" else
+      f"the sinusoidal table: sin, cos(pos / 10000^(2i/{cfg.n_embd})) in alternate dimensions; fixed, not learned")
+
+
+def block_table(cfg: config_lib.ModelConfig) -> list[tuple]:
+  """A block's stages in the order the configured block computes them."""
+  if cfg.norm_position == "pre":
+    return BLOCK
+  rows = [POST_NORM.get(row[0], row) for row in BLOCK]
+  return sorted(rows, key=lambda row: next(n for n, start in enumerate(POST_NORM_ORDER) if row[0].startswith(start)))
 
 
 def parse_layers(spec: str | None, n_layer: int) -> list[int]:
@@ -118,15 +137,19 @@ def stage_rows(cfg: config_lib.ModelConfig, intermediates: dict, tokens_BT, laye
   table += rows(BEFORE_BLOCKS, intermediates)
   if cfg.positions == "rope":
     table.append(("positions", "", "no position table: rotary positions turn queries and keys in each block"))
+  if cfg.positions == "none":
+    table.append(("positions", "", "none: causal attention alone, which sees which tokens came before, not their order"))
   blocks = intermediates["blocks"]
   for i in range(cfg.n_layer):
     if i in layers:
       table.append((f"block {i}", "", ""))
-      table += rows(BLOCK, blocks[i], "  ")
+      table += rows(block_table(cfg), blocks[i], "  ")
     elif i == 0 or i - 1 in layers:
       hidden = [j for j in range(i, cfg.n_layer) if j not in layers]
       hidden = hidden[:next((n for n, j in enumerate(hidden) if j != i + n), len(hidden))]  # the run from i
       table.append((f"blocks {i}-{hidden[-1]}" if len(hidden) > 1 else f"block {i}", "", "the same stages (--layers)"))
+  if not cfg.has_final_norm:
+    table.append(("ln_f", "", "no final norm (model.final_norm): the last block's output goes to the head"))
   return table + rows(AFTER_BLOCKS, intermediates)
 
 

@@ -1,5 +1,7 @@
 """`gptjax attention`: the model's own softmax weights, as heatmaps and arrays."""
 
+import dataclasses
+
 import jax
 import numpy as np
 from PIL import Image
@@ -23,6 +25,15 @@ def test_grouped_query_weights_are_causal_distributions():
   weights = attention_maps.attention_weights(LLAMA, params, np.arange(9, dtype=np.int32)[None], [0, 1])
   assert weights.shape == (2, 4, 9, 9)
   check_weights(weights)
+
+
+def test_the_textbook_variants_weights_are_causal_distributions():
+  for variant in (dict(norm_position="post"), dict(positions="none"), dict(attention_scale="none")):
+    cfg = dataclasses.replace(LLAMA, **variant)
+    weights = attention_maps.attention_weights(cfg, model_lib.init_params(cfg, jax.random.key(2)),
+                                               np.arange(9, dtype=np.int32)[None], [1])
+    assert weights.shape == (1, 4, 9, 9)
+    check_weights(weights)
 
 
 def test_attention_of_a_checkpoint_writes_a_png_per_block_and_the_arrays(tiny_run, tmp_path, capsys):

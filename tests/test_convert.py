@@ -316,3 +316,19 @@ def test_a_padded_vocabulary_exports_without_its_padding_and_other_architectures
   before = digest(tmp_path / "rms")
   one_line_error(_convert(capsys, "export", tmp_path / "rms", tmp_path / "hf_rms"), "model.norm='rmsnorm': not GPT-2's")
   assert not (tmp_path / "hf_rms").exists() and digest(tmp_path / "rms") == before
+
+
+@pytest.mark.parametrize("variant,named", [
+    (dict(norm_position="post"), "model.norm_position=post, model.final_norm=auto"),
+    (dict(positions="sinusoidal"), "model.positions=sinusoidal"), (dict(positions="none"), "model.positions=none"),
+    (dict(attention_scale="none"), "model.attention_scale=none"),
+    (dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, final_norm="false"), "model.final_norm=false")])
+def test_textbook_variants_are_refused_by_export_in_one_line(tmp_path, capsys, variant, named):
+  cfg = config_lib.Config(model=config_lib.ModelConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=32,
+                                                       **variant))
+  checkpoint.save_weights(str(tmp_path / "run"), model_lib.init_params(cfg.model, jax.random.key(0)), config=cfg,
+                          tokenizer={"kind": "gpt2"})
+  before = digest(tmp_path / "run")
+  one_line_error(_convert(capsys, "export", tmp_path / "run", tmp_path / "hf"),
+                 f"{named}: neither GPT-2 nor the Llama family")
+  assert not (tmp_path / "hf").exists() and digest(tmp_path / "run") == before

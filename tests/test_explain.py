@@ -61,6 +61,23 @@ def test_the_llama_trace_shows_grouped_query_heads_rotary_positions_and_swiglu()
   assert "lm_head" in meanings["logits"] and "RMSNorm" in meanings["ln_f"]
 
 
+def test_the_textbook_variants_show_their_stages_in_the_order_they_run():
+  post = ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, norm_position="post",
+                     positions="sinusoidal", attention_scale="none")
+  rows = trace(post, [0])
+  stages = [row[0].strip() for row in rows]
+  block = stages[stages.index("block 0") + 1:stages.index("ln_f")]
+  assert block.index("attention_residual") < block.index("ln_1") < block.index("up") < block.index("mlp_residual") \
+      < block.index("ln_2") == len(block) - 1  # each norm after its add
+  meanings = {stage: meaning for stage, _, meaning in rows}
+  assert dict((r[0], r[1]) for r in rows)["position_embeddings"] == "[T=5, D=32]"
+  assert "sinusoidal" in meanings["position_embeddings"] and "queries q = x W_q" in meanings["  queries"]
+  assert "unscaled" in meanings["  scores"] and "no final norm" in meanings["ln_f"]
+  none = trace(ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, positions="none"), [0])
+  assert [row[0] for row in none[:3]] == ["tokens", "token_embeddings", "positions"]
+  assert "position_embeddings" not in [row[0] for row in none]
+
+
 def test_capturing_intermediates_leaves_the_logits_as_they_are():
   params = model_lib.init_params(LLAMA, jax.random.key(1))
   tokens = np.arange(6, dtype=np.int32)[None] % 100

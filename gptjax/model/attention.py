@@ -6,7 +6,9 @@ GPT-2's [embd, 3 * embd] and [embd, embd] matrices. With fewer key/value heads t
 (grouped-query attention, `model.n_kv_head`) the queries and the keys/values have projections of
 their own (q_attn [embd, heads, head_dim], kv_attn [embd, 2, kv_heads, head_dim]), and the cache
 holds only the key/value heads. Queries and keys are RMS-normalised per head (Qwen3) and rotated
-(rotary positions) where configured. Training, evaluation and the prompt pass of sampling attend
+(rotary positions) where configured; with `model.attention_scale=none` the scores are left unscaled
+(q.k, not q.k / sqrt(head_dim)): the queries are multiplied by sqrt(head_dim) before any kernel,
+which all divide by it. Training, evaluation and the prompt pass of sampling attend
 with the kernel `model.attention` chooses (`gptjax.model.kernels`: cuDNN's fused kernel on GPUs,
 splash attention on TPUs, query blocks on CPUs). Generation attends over the cache, which keeps
 each head's positions contiguous ([.., kv_heads, S, head_dim]) so that the two matmuls read it as
@@ -80,6 +82,8 @@ class CausalSelfAttention(nnx.Module):
       positions_T = start + jnp.arange(x_BTD.shape[1])
       q_BTHK, k_BTGK = rotary.rotate(q_BTHK, positions_T, self.cfg), rotary.rotate(k_BTGK, positions_T, self.cfg)
       sow(self, "queries_rotated", q_BTHK), sow(self, "keys_rotated", k_BTGK)
+    if self.cfg.attention_scale == "none":  # every kernel divides the scores by sqrt(head_dim): undone here
+      q_BTHK = q_BTHK * jnp.asarray(math.sqrt(self.cfg.head_size), q_BTHK.dtype)
     return q_BTHK, k_BTGK, v_BTGK
 
   def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False):

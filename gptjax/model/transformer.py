@@ -1,7 +1,9 @@
 """The decoder: token embeddings (and learned positions, GPT-2; or rotary ones inside attention,
 Llama), a stack of pre-norm blocks, a final norm and an LM head, tied to the token embedding
 (GPT-2) or a matrix of its own (lm_head). The config chooses between GPT-2 and the Llama / Qwen
-family; the structure is the same.
+family; the structure is the same. The textbook variants are options of the same model: post-norm
+blocks (`model.norm_position=post`, the original Transformer's, with no final norm unless
+`model.final_norm=true`), the paper's sinusoidal positions or none at all (`model.positions`).
 
 Parameter names follow GPT-2 (wte, wpe, h/{ln_1, attn/{c_attn, c_proj}, ln_2, mlp/{c_fc, c_proj}},
 ln_f), with one difference: the blocks' parameters are stacked, h/... [n_layer, ...]. The stack
@@ -25,6 +27,7 @@ from flax import nnx
 
 from gptjax import sharding
 from gptjax.config import ModelConfig
+from gptjax.model import sinusoidal
 from gptjax.model.attention import CausalSelfAttention, KVCache
 from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, scanned, sow
 from gptjax.model.loss import LOGITS_AXES, next_token_nll
@@ -46,10 +49,22 @@ class Block(nnx.Module):
     self.attn = CausalSelfAttention(cfg, rngs=rngs)
     self.ln_2 = norm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
+    self.post_norm = cfg.norm_position == "post"
 
   def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False):
     attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    normed_BTD = self.ln_1(x_BTD)
+    if self.post_norm:  # the original Transformer: x = Norm(x + Sublayer(x)), the norm after each add
+      h_BTD, cache = self.attn(x_BTD, cache, layer, attn_key, prefill)
+      x_BTD = x_BTD + h_BTD
+      sow(self, "attention_residual", x_BTD)
+      x_BTD = self.ln_1(x_BTD)
+      sow(self, "ln_1", x_BTD)
+      x_BTD = x_BTD + self.mlp(x_BTD, mlp_key)
+      sow(self, "mlp_residual", x_BTD)
+      x_BTD = self.ln_2(x_BTD)
+      sow(self, "ln_2", x_BTD)
+      return sharding.constrain(x_BTD, RESIDUAL_AXES), cache
+    normed_BTD = self.ln_1(x_BTD)  # pre-norm (GPT-2, Llama): x = x + Sublayer(Norm(x))
     sow(self, "ln_1", normed_BTD)
     h_BTD, cache = self.attn(normed_BTD, cache, layer, attn_key, prefill)
     x_BTD = x_BTD + h_BTD
@@ -83,7 +98,8 @@ class GPT(nnx.Module):
       self.wpe = nnx.Embed(cfg.position_limit, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
                            embedding_metadata=axes(None, "embed"), rngs=rngs)
     self.h = _stacked_blocks(cfg, rngs)
-    self.ln_f = norm(cfg, rngs=rngs)
+    if cfg.has_final_norm:
+      self.ln_f = norm(cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Linear(cfg.n_embd, cfg.padded_vocab, use_bias=False, dtype=dtype,
                                 kernel_init=nnx.initializers.normal(0.02), kernel_metadata=axes("embed", "vocab"),
@@ -140,8 +156,10 @@ class GPT(nnx.Module):
     table_VD = sharding.constrain(self.wte.embedding[...], ("vocab", None))  # gathered over fsdp for the lookup
     x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(compute_dtype(cfg))
     sow(self, "token_embeddings", x_BTD)
-    if cfg.positions == "learned":  # rotary positions are applied inside attention
-      positions_TD = self.wpe(start + jnp.arange(tokens_BT.shape[1]))
+    if cfg.positions in ("learned", "sinusoidal"):  # rotary positions are applied inside attention
+      positions_T = start + jnp.arange(tokens_BT.shape[1])
+      positions_TD = self.wpe(positions_T) if cfg.positions == "learned" else \
+          sinusoidal.table(positions_T, cfg.n_embd).astype(x_BTD.dtype)
       sow(self, "position_embeddings", positions_TD)
       x_BTD = x_BTD + positions_TD[None]
       sow(self, "embeddings", x_BTD)
@@ -155,8 +173,9 @@ class GPT(nnx.Module):
       for i, params in enumerate(layers or self.layer_params()):
         x_BTD, cache = nnx.merge(graphdef, params)(x_BTD, cache, i, None, prefill)
       x_BTD = x_BTD[:, -1:]
-    x_BTD = self.ln_f(x_BTD)
-    sow(self, "ln_f", x_BTD)
+    if cfg.has_final_norm:
+      x_BTD = self.ln_f(x_BTD)
+      sow(self, "ln_f", x_BTD)
     return x_BTD, cache
 
   def _logits(self, x_BTD):
