@@ -1,4 +1,4 @@
-"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert,explain,attention,plot,lower} ...
+"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert,explain,attention,plot,lower,sweep} ...
 
 Bad input (a `UserError`) is printed as one line, `gptjax: error: ...`, with exit status 2.
 """
@@ -24,6 +24,7 @@ COMMANDS = {
     "attention": "gptjax.attention_maps",
     "plot": "gptjax.plots",
     "lower": "gptjax.lower",
+    "sweep": "gptjax.sweep",
 }
 
 

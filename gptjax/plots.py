@@ -1,5 +1,5 @@
-"""Loss curves with matplotlib: OUT_DIR/loss.png, redrawn at each evaluation of a run, and
-`gptjax plot` to compare runs in one figure.
+"""Loss curves with matplotlib: OUT_DIR/loss.png, redrawn at each evaluation of a run, `gptjax
+plot` to compare runs in one figure, and a sweep's validation curves (`gptjax sweep`).
 
     gptjax plot out/shakespeare_char_cpu                       # -> plot.png
     gptjax plot out/shakespeare_char_cpu out/llama_shakespeare_cpu --output compare.png
@@ -26,8 +26,7 @@ SIZE_INCHES, DPI = (8.0, 9.0), 100
 
 
 def draw(runs: dict[str, list[dict]], path: str, title: str) -> None:
-  """The loss and learning-rate panels of `runs` ({label: metrics rows}), written to `path` (whole:
-  a viewer never finds half a file)."""
+  """The loss and learning-rate panels of `runs` ({label: metrics rows}), written to `path`."""
   fig, (by_step, by_tokens, lr) = plt.subplots(3, 1, figsize=SIZE_INCHES, dpi=DPI, layout="constrained",
                                                height_ratios=(3, 3, 1.6))
   single = len(runs) == 1
@@ -49,6 +48,29 @@ def draw(runs: dict[str, list[dict]], path: str, title: str) -> None:
   for ax in (by_step, by_tokens, lr):
     ax.grid(alpha=0.3)
   by_step.legend(fontsize=8)
+  _save(fig, path)
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def draw_validation(groups: dict[str, list[list[dict]]], path: str, title: str) -> None:
+  """The validation loss against steps of every run in `groups` ({label: [runs' metrics rows]}): a
+  colour per group, a line style per run within it (the seeds of a sweep's variant), to `path`."""
+  fig, ax = plt.subplots(figsize=(8.0, 5.5), dpi=DPI, layout="constrained")
+  for n, (label, runs) in enumerate(groups.items()):
+    for i, rows in enumerate(runs):
+      evaluated = [row for row in rows if row["kind"] == "eval"]
+      ax.plot([r["step"] for r in evaluated], [r["val_loss"] for r in evaluated], LINE_STYLES[i % len(LINE_STYLES)],
+              color=f"C{n % 10}", marker="o", ms=2.5, lw=1.3, label=label if i == 0 else None)
+  ax.set(title=title, xlabel="step", ylabel="validation loss")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+  """Writes `fig` whole (beside the target, then renamed: a viewer never finds half a file) and closes it."""
   tmp = f"{path}.tmp"
   try:
     fig.savefig(tmp, dpi=DPI, format="png")
