@@ -138,17 +138,18 @@ def _ended(run: Run, returncode: int, say) -> str | None:
 
 
 def train_runs(todo: list[Run], command, parallel: int, say) -> None:
-  """Trains `todo`, `parallel` processes at a time. SIGTERM or Ctrl-C passes SIGTERM to those under
-  way (each saves its step); a run that fails stops new ones. Either way, once the runs under way
-  have ended, a UserError says what happened."""
+  """Trains `todo`, `parallel` processes at a time. SIGTERM or Ctrl-C, or a run that fails, passes
+  SIGTERM to those under way (each saves its step) and starts no more; once they have ended, a
+  UserError says what happened."""
   running, stopped, failures = [], [], []
 
-  def on_signal(signum, frame):
-    stopped.append(signal.Signals(signum).name)
-    for process, _, _ in running:
+  def stop_all(signum=None, frame=None):
+    if signum is not None:
+      stopped.append(signal.Signals(signum).name)
+    for process, _ in running:
       process.send_signal(signal.SIGTERM)
 
-  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  previous = {s: signal.signal(s, stop_all) for s in (signal.SIGTERM, signal.SIGINT)}
   queue = list(todo)
   try:
     while running or (queue and not stopped and not failures):
@@ -158,14 +159,14 @@ def train_runs(todo: list[Run], command, parallel: int, say) -> None:
         resume = status(run) == "interrupted"
         with open(run.out_dir / "train.log", "a") as log:  # the child keeps its own handle
           process = subprocess.Popen(command(run, resume), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        running.append((process, run, time.monotonic()))
+        running.append((process, run))
         say(f"{run.out_dir.name}: {'continuing' if resume else 'training'} ({len(todo) - len(queue)} of {len(todo)})")
-      for entry in list(running):
-        process, run, start = entry
+      for process, run in list(running):
         if process.poll() is not None:
-          running.remove(entry)
+          running.remove((process, run))
           if (failure := _ended(run, process.returncode, say)) is not None:
             failures.append(failure)
+            stop_all()
       time.sleep(0.2)
   finally:
     for s, handler in previous.items():
@@ -173,8 +174,8 @@ def train_runs(todo: list[Run], command, parallel: int, say) -> None:
   if failures:
     raise UserError(failures[0] + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
   if stopped:
-    raise UserError(f"stopped by {stopped[0]}: {len(queue) + sum(status(r) != 'finished' for r in todo if r not in queue)} "
-                    "runs unfinished; the same command continues them")
+    unfinished = sum(status(run) in ("new", "interrupted") for run in todo)
+    raise UserError(f"stopped by {stopped[0]}: {unfinished} runs unfinished; the same command continues them")
 
 
 def run_result(run: Run) -> dict:
@@ -288,10 +289,11 @@ def main(argv=None) -> None:
             "--no-progress", *(["--resume"] if resume else [])]
 
   train_runs(todo, command, args.parallel, lambda line: print(line, flush=True))
+  if unfinished := [run.out_dir.name for run in runs if status(run) in ("new", "interrupted")]:  # stopped from outside
+    raise UserError(f"{', '.join(unfinished)} did not finish; the same command continues them")
   steps = sorted({run.max_iters for run in runs})
   heading = (f"Sweep of {args.config}{''.join(f' {o}' for o in args.overrides)}: {args.seeds} seed"
              f"{'s' * (args.seeds > 1)} per variant, the validation loss at step {'/'.join(map(str, steps))}:")
-  title = f"{args.config} sweep: validation loss, a colour per variant" + \
-      (f", a line style per seed ({args.seeds})" if args.seeds > 1 else "")
+  title = f"{args.config}: validation loss (colour: variant" + (", line style: seed)" if args.seeds > 1 else ")")
   print(report(runs, [key for key, _ in axes], out, args.target_loss, heading, title), end="")
   print(f"{out}/sweep.md, sweep.csv, runs.csv, sweep.png")

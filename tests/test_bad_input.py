@@ -21,6 +21,7 @@ def train(*overrides):
 
 
 SAMPLE = ["sample", "--checkpoint", "{run}", "--max-new-tokens", "5"]
+SWEEP = ["sweep", "shakespeare_char_cpu", "data.dir={data}", "--out", "{new}"]
 PERPLEXITY = ["perplexity", "--checkpoint", "{run}"]
 
 CASES = {
@@ -57,6 +58,10 @@ CASES = {
     "key/value heads do not divide heads": (train("model.n_kv_head=3"), "model.n_head=2 is not a multiple of model.n_kv_head=3"),
     "unknown norm": (train("model.norm=batchnorm"), "model.norm='batchnorm' is not layernorm or rmsnorm"),
     "rope scaling without rope": (train("model.rope_scaling_factor=8"), "model.rope_scaling_factor needs model.positions=rope"),
+    "unknown norm position": (train("model.norm_position=sideways"), "model.norm_position='sideways' is not pre or post"),
+    "unknown positions": (train("model.positions=absolute"),
+                          "model.positions='absolute' is not one of learned, sinusoidal, rope, none"),
+    "unknown attention scale": (train("model.attention_scale=half"), "model.attention_scale='half' is not sqrt or none"),
     "old remat flag": (train("model.remat=true"), "(what was model.remat=true is now full)"),
     "max_bad_steps 0": (train("train.max_bad_steps=0"), "max_bad_steps must be positive"),
     "checkpoint_minutes negative": (train("train.checkpoint_minutes=-1"), "train.checkpoint_minutes=-1.0 is negative"),
@@ -118,6 +123,15 @@ CASES = {
                                                          "splash attention needs a sequence length that is a multiple of 128, not 64"),
     "lower: no devices": (["lower", "gpt2_124m", "--platform", "cuda", "--devices", "0"], "--devices=0 is not positive"),
     "lower: an unknown platform": (["lower", "gpt2_124m", "--platform", "rocm"], "argument --platform: invalid choice: 'rocm'"),
+    # sweep
+    "sweep: a setting without values": (SWEEP + ["--vary", "model.norm_position"],
+                                        "--vary 'model.norm_position' is not section.field=V1,V2,..."),
+    "sweep: a value the config refuses": (SWEEP + ["--vary", "model.norm_position=pre,sideways"],
+                                          "model.norm_position='sideways' is not pre or post"),
+    "sweep: the seed varied": (SWEEP + ["--vary", "train.seed=1,2"], "--vary train.seed: the sweep sets it"),
+    "sweep: a setting both overridden and varied": (SWEEP + ["model.n_layer=3", "--vary", "model.n_layer=1,2"],
+                                                    "model.n_layer is both an override and varied"),
+    "sweep: no seeds": (SWEEP + ["--seeds", "0"], "--seeds and --parallel must be at least 1"),
     # sample
     "sample: no checkpoint": (["sample", "--checkpoint", "{inp}/none"], "no checkpoint in"),
     "sample: unknown flag": ([*SAMPLE, "--temprature", "1"], "unrecognized arguments"),
