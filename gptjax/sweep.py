@@ -183,7 +183,7 @@ def run_result(run: Run) -> dict:
   rows = _rows(run)
   evaluated = [row for row in rows if row["kind"] == "eval"]
   speeds = [row["tokens_per_s"] for row in rows if row["kind"] == "train" and row.get("tokens_per_s")]
-  return {"variant": run.label, "seed": run.seed, "diverged": status(run) == "diverged",
+  return {"variant": run.label, "seed": run.seed, "diverged": (run.out_dir / DIVERGED_FILE).is_file(),
           "val_loss": evaluated[-1]["val_loss"] if evaluated else math.nan,
           "tokens_per_s": statistics.median(speeds) if speeds else math.nan,
           "curve": [(row["step"], row["val_loss"]) for row in evaluated], "rows": rows}

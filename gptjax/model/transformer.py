@@ -53,27 +53,27 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False):
     attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    if self.post_norm:  # the original Transformer: x = Norm(x + Sublayer(x)), the norm after each add
-      h_BTD, cache = self.attn(x_BTD, cache, layer, attn_key, prefill)
-      x_BTD = x_BTD + h_BTD
-      sow(self, "attention_residual", x_BTD)
-      x_BTD = self.ln_1(x_BTD)
-      sow(self, "ln_1", x_BTD)
-      x_BTD = x_BTD + self.mlp(x_BTD, mlp_key)
-      sow(self, "mlp_residual", x_BTD)
-      x_BTD = self.ln_2(x_BTD)
-      sow(self, "ln_2", x_BTD)
-      return sharding.constrain(x_BTD, RESIDUAL_AXES), cache
-    normed_BTD = self.ln_1(x_BTD)  # pre-norm (GPT-2, Llama): x = x + Sublayer(Norm(x))
-    sow(self, "ln_1", normed_BTD)
-    h_BTD, cache = self.attn(normed_BTD, cache, layer, attn_key, prefill)
-    x_BTD = x_BTD + h_BTD
-    sow(self, "attention_residual", x_BTD)
-    normed_BTD = self.ln_2(x_BTD)
-    sow(self, "ln_2", normed_BTD)
-    x_BTD = x_BTD + self.mlp(normed_BTD, mlp_key)
-    sow(self, "mlp_residual", x_BTD)
+    x_BTD, cache = self._residual(x_BTD, self.ln_1, "ln_1", "attention_residual",
+                                  lambda h_BTD: self.attn(h_BTD, cache, layer, attn_key, prefill))
+    x_BTD, _ = self._residual(x_BTD, self.ln_2, "ln_2", "mlp_residual", lambda h_BTD: (self.mlp(h_BTD, mlp_key), None))
     return sharding.constrain(x_BTD, RESIDUAL_AXES), cache
+
+  def _residual(self, x_BTD, norm_layer, norm_name: str, residual_name: str, sublayer):
+    """One residual sublayer, `sublayer(h) -> (output, what else it returns)`: pre-norm (GPT-2,
+    Llama) x + Sublayer(Norm(x)), or post-norm (the original Transformer) Norm(x + Sublayer(x))."""
+    if self.post_norm:
+      out_BTD, extra = sublayer(x_BTD)
+      x_BTD = x_BTD + out_BTD
+      sow(self, residual_name, x_BTD)
+      x_BTD = norm_layer(x_BTD)
+      sow(self, norm_name, x_BTD)
+      return x_BTD, extra
+    normed_BTD = norm_layer(x_BTD)
+    sow(self, norm_name, normed_BTD)
+    out_BTD, extra = sublayer(normed_BTD)
+    x_BTD = x_BTD + out_BTD
+    sow(self, residual_name, x_BTD)
+    return x_BTD, extra
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
