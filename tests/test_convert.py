@@ -211,7 +211,8 @@ def test_fine_tuning_starts_from_imported_weights(small, tmp_path):
   after, _ = train.train(config("tuned"), progress_bar=False)
   assert after["step"] == 10 and after["val_loss"] < before["val_loss"] - 1.0
   tuned_cfg, _, _ = checkpoint.read_run_config(str(tmp_path / "tuned"), "latest")
-  assert tuned_cfg.model == dataclasses.replace(cfg.model, dropout=0.1)  # the source's, not the config's GPT-2 124M
+  # The source's architecture, not the config's GPT-2 124M; its positions kept as model.max_positions.
+  assert tuned_cfg.model == dataclasses.replace(cfg.model, dropout=0.1, max_positions=cfg.model.position_limit)
   assert train.train(config("tuned", "train.max_iters=12"), resume=True, progress_bar=False)[0]["step"] == 12
 
 
