@@ -61,7 +61,7 @@ def _train_step(cfg, batch: int, mesh):
   from gptjax import optim  # noqa: PLC0415
   from gptjax import steps as steps_lib  # noqa: PLC0415
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
-  tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
   lowered, _, _, shardings = steps_lib.lower_steps(cfg, tx, schedule, mesh)
   compiled = lowered.compile()
   m = compiled.memory_analysis()

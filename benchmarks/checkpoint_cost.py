@@ -35,7 +35,7 @@ def main() -> None:
   args = parser.parse_args()
 
   cfg = config_lib.load_config(args.config)
-  tx = optim.make_optimizer(cfg.optim)
+  tx = optim.make_optimizer(cfg.optim, cfg.model)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   _, shardings = steps_lib.state_shardings(cfg.model, tx, mesh)
   state = steps_lib.init_state(cfg.model, tx, shardings, seed=0)

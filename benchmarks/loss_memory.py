@@ -32,7 +32,7 @@ def measure(config: str, vocab: int, overrides: list[str]) -> dict:
   cfg = config_lib.load_config(config, overrides)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
   mesh = sharding.make_mesh(cfg.mesh)
-  steps = steps_lib.compile_steps(cfg, optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim), mesh)
+  steps = steps_lib.compile_steps(cfg, optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim), mesh)
   temp = metrics.memory_per_device(steps.abstract, steps.shardings, steps.train)["gradients and activations"]
   return {"temp": temp, "logits": BATCH * CONTEXT * cfg.model.padded_vocab * 4 // jax.device_count()}
 

@@ -39,7 +39,7 @@ def main() -> None:
     cfg = config_lib.load_config(name, [f"mesh.data={jax.device_count() // args.mesh_fsdp}", f"mesh.fsdp={args.mesh_fsdp}",
                                         *([f"train.batch_size={args.batch_size}"] if args.batch_size else [])])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=VOCABULARIES[name]))
-    tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
+    tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
     mesh = sharding.make_mesh(cfg.mesh)
     steps = steps_lib.compile_steps(cfg, tx, schedule, mesh)
     sizes = {k: f"{v / 2**20:,.1f} MiB" for k, v in metrics.memory_per_device(steps.abstract, steps.shardings, steps.train).items()}

@@ -91,7 +91,7 @@ def worker_compile(n_layer, scan):
   cfg = config_lib.load_config("shakespeare_char_cpu", [
       f"model.n_layer={n_layer}", "model.n_embd=64", "model.vocab_size=77", f"model.scan_layers={scan}"]
       if _is_nnx() else [f"model.n_layer={n_layer}", "model.n_embd=64", "model.vocab_size=77"])
-  tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   if _is_nnx():
     from gptjax import steps

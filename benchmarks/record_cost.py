@@ -45,7 +45,7 @@ def main() -> None:
   cfg = config_lib.load_config(args.config, TINY if args.tiny else [])
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=77))  # the built-in characters
   t, history = cfg.train, 200 if args.tiny else 2000
-  tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   steps = steps_lib.compile_steps(cfg, tx, schedule, mesh)
   state = steps_lib.init_state(cfg.model, tx, steps.shardings, seed=0)

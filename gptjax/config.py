@@ -25,6 +25,9 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 # Training attention (gptjax.model.kernels): auto, or one kernel by name.
 ATTENTION_KERNELS = ("auto", "cudnn", "splash", "xla", "blocked")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
+OPTIMIZERS = ("adamw", "muon", "lion", "adafactor")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+DECAY_SHAPES = ("linear", "sqrt", "cosine")
 SCAN_FROM_LAYERS = 16  # model.scan_layers=auto scans CPU models this deep (compile time over step time)
 
 
@@ -81,6 +84,9 @@ class ModelConfig:
   qkv_bias: bool = False  # biases on the query, key and value projections even with bias=false (Qwen2)
   qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
   vocab_multiple: int = 1  # the vocabulary padded to a multiple of this; padded logits are never used
+  # Gemma 2's soft cap on the logits, cap * tanh(logits / cap), part of the model (training,
+  # evaluation and sampling alike); 0: none.
+  logit_softcap: float = 0.0
 
   @property
   def position_limit(self) -> int:
@@ -94,7 +100,8 @@ class ModelConfig:
   def textbook_variants(self) -> list[str]:
     """The settings of this model that neither GPT-2 nor the Llama family has, as `model.x=y`."""
     differs = {"norm_position": self.norm_position != "pre", "final_norm": not self.has_final_norm,
-               "attention_scale": self.attention_scale != "sqrt", "positions": self.positions in ("sinusoidal", "none")}
+               "attention_scale": self.attention_scale != "sqrt", "positions": self.positions in ("sinusoidal", "none"),
+               "logit_softcap": self.logit_softcap != 0}
     return [f"model.{name}={getattr(self, name)}" for name, differ in differs.items() if differ]
 
   @property
@@ -133,14 +140,29 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+  # adamw; muon (the hidden matrices orthogonalised, AdamW for embeddings, head, norms and biases);
+  # lion (sign updates: a 3-10x smaller learning rate than AdamW's is usual); adafactor (factored
+  # second moments, no momentum). gptjax.optim says how each is set up.
+  name: str = "adamw"
   learning_rate: float = 6e-4  # peak, after warmup
-  min_lr: float = 6e-5  # floor of the cosine decay
-  warmup_iters: int = 2000
-  lr_decay_iters: int = 600000  # cosine decay ends here; min_lr afterwards
+  min_lr: float = 6e-5  # where the decay ends
+  warmup_iters: int = 2000  # linear warmup, for every schedule
+  # After warmup: cosine (to min_lr at lr_decay_iters), linear (likewise), constant (no decay), or
+  # wsd (warmup-stable-decay: the peak until the last decay_fraction of lr_decay_iters, then down to
+  # min_lr by decay_shape: linear, sqrt (1 - sqrt, Hagele et al. 2024) or cosine).
+  schedule: str = "cosine"
+  lr_decay_iters: int = 600000  # the decay ends here; min_lr afterwards
+  decay_fraction: float = 0.2
+  decay_shape: str = "linear"
   weight_decay: float = 0.1  # applied to matrices only
   beta1: float = 0.9
   beta2: float = 0.95
   grad_clip: float = 1.0  # global-norm clipping; 0 disables
+  muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+  muon_rms: float = 0.2  # Muon's updates scaled to this RMS (AdamW's), so AdamW's learning rate serves
+  # PaLM's z-loss: this times the mean squared log-partition (log-sum-exp of the logits) is added to
+  # the training loss, keeping the logits' normaliser near 1 (PaLM: 1e-4); logged as z_loss. 0: off.
+  z_loss: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +342,7 @@ def validate(cfg: Config) -> Config:
       (m.n_head <= 0 or m.head_dim or m.n_embd % m.n_head == 0,
        f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head} (or set model.head_dim)"),
       (m.loss_chunk >= 0, f"model.loss_chunk={m.loss_chunk} is negative (0: the whole sequence at once)"),
+      (0 <= m.logit_softcap < math.inf, f"model.logit_softcap={m.logit_softcap} is not a number >= 0 (0: no cap)"),
       (m.max_positions >= 0, f"model.max_positions={m.max_positions} is negative (0: model.block_size)"),
       (m.block_size <= m.position_limit,
        f"model.block_size={m.block_size} is longer than the model's {m.max_positions} positions (model.max_positions)"),
@@ -362,6 +385,12 @@ def validate(cfg: Config) -> Config:
       (o.warmup_iters >= 0 and o.lr_decay_iters > o.warmup_iters,
        "optim.lr_decay_iters must be larger than optim.warmup_iters >= 0"),
       (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and weight_decay must be >= 0"),
+      (o.name in OPTIMIZERS, f"optim.name={o.name!r} is not one of {', '.join(OPTIMIZERS)}"),
+      (o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is not one of {', '.join(SCHEDULES)}"),
+      (o.decay_shape in DECAY_SHAPES, f"optim.decay_shape={o.decay_shape!r} is not one of {', '.join(DECAY_SHAPES)}"),
+      (0 < o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} is not in (0, 1]"),
+      (0 <= o.muon_momentum < 1 and o.muon_rms > 0, "optim.muon_momentum must be in [0, 1) and optim.muon_rms positive"),
+      (0 <= o.z_loss < math.inf, f"optim.z_loss={o.z_loss} is not a number >= 0 (0 turns it off)"),
       (all(s == -1 or s > 0 for s in dataclasses.astuple(cfg.mesh)), "mesh axis sizes must be positive or -1"),
       (d.num_processes >= 0, f"distributed.num_processes={d.num_processes} is negative (0 means detected)"),
       (d.num_processes == 0 or d.process_id < d.num_processes,

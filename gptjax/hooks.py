@@ -45,9 +45,10 @@ def run(hooks: list[Hook], step: int, last_step: int, state: TrainState, step_me
 
 
 class LogMetrics:
-  """A line with loss, learning rate, gradient norm, tokens/s, MFU and any skipped non-finite
-  steps (waits for the step), and those values with memory in use in the run's record; stops the
-  run after `max_bad_steps` consecutive ones."""
+  """A line with loss (and z-loss), learning rate, gradient norm, tokens/s, MFU and any skipped
+  non-finite steps (waits for the step), and those values with the gradient and parameter norms
+  per layer group and memory in use in the run's record; stops the run after `max_bad_steps`
+  consecutive ones."""
 
   def __init__(self, log: Callable[[str], None], throughput: metrics_lib.Throughput, bar, max_bad_steps: int,
                run_record: record.Record | None):
@@ -58,15 +59,19 @@ class LogMetrics:
     values = jax.device_get(step_metrics)  # waits for the step: the timing below is honest
     tokens_per_s, mfu = self.throughput.measure(step)
     skipped = f", skipped {values['skipped']} non-finite steps so far" if values["skipped"] else ""
-    self.log(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, grad norm "
+    z_loss = f", z-loss {values['z_loss']:.2e}" if "z_loss" in values else ""
+    self.log(f"step {step}: loss {values['loss']:.4f}{z_loss}, lr {values['lr']:.2e}, grad norm "
              f"{values['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, MFU "
              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}{skipped}")
     self.bar.set_postfix(loss=f"{values['loss']:.4f}")
     if self.record is not None:
       self.record.write("train", step, {
-          "loss": float(values["loss"]), "lr": float(values["lr"]), "grad_norm": float(values["grad_norm"]),
+          "loss": float(values["loss"]), **({"z_loss": float(values["z_loss"])} if z_loss else {}),
+          "lr": float(values["lr"]), "grad_norm": float(values["grad_norm"]),
           "tokens_per_s": tokens_per_s, **({} if mfu is None else {"mfu": mfu}),
           "skipped_steps": int(values["skipped"])})
+      self.record.write("norms", step, {f"{kind}/{group}": float(norm) for kind in ("grad", "param")  # norms/grad/layer_03
+                                        for group, norm in values[f"{kind}_norms"].items()})
       self.record.write("memory", step, metrics_lib.memory_in_use())
     if values["bad_steps"] >= self.max_bad_steps:
       raise UserError(f"the loss or gradients were not finite for {values['bad_steps']} steps in a row, from step "

@@ -99,7 +99,7 @@ def _partitioned(cfg, mesh, dtype: str, batch: int, prompt_length: int) -> dict[
   from gptjax import optim  # noqa: PLC0415
   from gptjax import steps as steps_lib  # noqa: PLC0415
   twin = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla", dtype=dtype))
-  tx, schedule = optim.make_optimizer(twin.optim), optim.lr_schedule(twin.optim)
+  tx, schedule = optim.make_optimizer(twin.optim, twin.model), optim.lr_schedule(twin.optim)
   train_step = steps_lib.lower_steps(twin, tx, schedule, mesh)[0]
   prefill, decode = _lower_sampling(twin, mesh, "cpu", batch, prompt_length)
   return {name: lowered.compile().as_text()
@@ -129,7 +129,7 @@ def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None =
     raise UserError(f"--prompt-length={prompt_length} is not in [1, block_size={cfg.model.block_size}]")
   with model_lib.lowering_for(platform), (_cudnn_version_answered() if platform == "cuda" else contextlib.nullcontext()):
     attention = kernels.report(cfg.model, cfg.model.block_size)
-    tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
+    tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
     train_step, _, abstract, state_shardings = steps_lib.lower_steps(cfg, tx, schedule, mesh, platform)
     prefill, decode = _lower_sampling(cfg, mesh, platform, shards, prompt_length)
     dtype = jnp.dtype(model_lib.compute_dtype(cfg.model)).name

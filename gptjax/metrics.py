@@ -27,6 +27,18 @@ PEAK_FLOPS = {
 }
 
 
+def norms_by_group(tree: dict) -> dict:
+  """The L2 norm of each group of a parameter-shaped tree: every layer of the stacked blocks
+  ("layer_00", ...), then each other top-level module (wte, wpe, ln_f, lm_head)."""
+  squares = {name: sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(sub))
+             for name, sub in tree.items() if name != "h"}
+  per_layer = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
+                  for leaf in jax.tree.leaves(tree["h"]))  # [n_layer]
+  width = len(str(len(per_layer) - 1))
+  squares |= {f"layer_{i:0{width}d}": per_layer[i] for i in range(len(per_layer))}
+  return {name: jnp.sqrt(square) for name, square in squares.items()}
+
+
 def peak_flops(device_kind: str) -> float:
   """The table's peak for a device kind, matched exactly; 0 if it is not in the table."""
   return PEAK_FLOPS.get(device_kind, 0.0)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax import config as config_lib
+from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import optim
 from gptjax import sharding
@@ -28,9 +29,14 @@ class TrainState:
   opt_state: Any
 
 
-def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, schedule, seed: int):
+def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, schedule, seed: int,
+                    z_loss: float = 0.0):
   def loss_fn(params, inputs, targets, dropout_key):
-    return model_lib.bind(cfg, params).nll(inputs, targets, dropout_key=dropout_key).mean()
+    """What is differentiated: the cross-entropy, plus z_loss times the mean squared log-partition
+    (PaLM's z-loss); aside, (the cross-entropy, that mean square)."""
+    nll_BT, log_partition_BT = model_lib.bind(cfg, params).losses(inputs, targets, dropout_key=dropout_key)
+    nll, z_square = nll_BT.mean(), jnp.square(log_partition_BT).mean()
+    return nll + z_loss * z_square if z_loss else nll, (nll, z_square)
 
   def train_step(state: TrainState, inputs, targets):
     step_key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -38,17 +44,19 @@ def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformatio
     def micro_step(grad_sum, micro):
       index, micro_inputs, micro_targets = micro
       dropout_key = jax.random.fold_in(step_key, index) if cfg.dropout > 0 else None
-      loss, grads = jax.value_and_grad(loss_fn)(state.params, micro_inputs, micro_targets, dropout_key)
-      return jax.tree.map(jnp.add, grad_sum, grads), loss
+      (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, micro_inputs, micro_targets, dropout_key)
+      return jax.tree.map(jnp.add, grad_sum, grads), losses
 
     accum = inputs.shape[0]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grad_sum, losses = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), inputs, targets))
+    grad_sum, (nll, z_square) = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), inputs, targets))
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-    metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
-               **optim.non_finite_steps(opt_state)}
+    metrics = {"loss": nll.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+               "grad_norms": metrics_lib.norms_by_group(grads), "param_norms": metrics_lib.norms_by_group(state.params),
+               **({"z_loss": z_loss * z_square.mean()} if z_loss else {}), **optim.non_finite_steps(opt_state)}
     return new_state, metrics
 
   return train_step
@@ -66,13 +74,29 @@ def state_shardings(cfg: config_lib.ModelConfig, tx, mesh) -> tuple[TrainState, 
   shapes, names = model_lib.abstract_params(cfg)
   param_shardings = sharding.param_shardings(shapes, names, mesh)
   abstract_opt = jax.eval_shape(tx.init, shapes)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: sharding.replicated(mesh))
+  opt_shardings = _like_params(abstract_opt, shapes, param_shardings, sharding.replicated(mesh))
   shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings)
   abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), shapes, abstract_opt)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   return abstract, shardings
+
+
+def _like_params(opt_state, shapes, param_shardings, replicated):
+  """Shardings for an optimizer state: a leaf whose key path ends in a parameter's, with its shape
+  (moments, momentum), is split as that parameter; any other (counters, Adafactor's factored rows
+  and columns) is replicated. By path, not by tree structure: Muon's masked states hold parts."""
+  by_path = {tuple(path): (leaf.shape, s) for (path, leaf), s in
+             zip(jax.tree_util.tree_flatten_with_path(shapes)[0], jax.tree.leaves(param_shardings))}
+  depths = sorted({len(path) for path in by_path}, reverse=True)
+
+  def place(path, leaf):
+    for depth in depths:
+      shape, param_sharding = by_path.get(tuple(path[-depth:]), (None, None))
+      if shape == leaf.shape:
+        return param_sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(place, opt_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +121,7 @@ def lower_steps(cfg: config_lib.Config, tx, schedule, mesh, platform: str | None
 
   with jax.set_mesh(mesh):
     train_step = jax.jit(
-        make_train_step(cfg.model, tx, schedule, cfg.train.seed),
+        make_train_step(cfg.model, tx, schedule, cfg.train.seed, cfg.optim.z_loss),
         in_shardings=(shardings, batches, batches), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     ).trace(abstract, batch_spec(accum_steps), batch_spec(accum_steps))

@@ -82,6 +82,10 @@ def resolve_run(cfg: config_lib.Config, manager, resume: bool, meta: dict) -> tu
         manager, t.out_dir, "latest", lambda step: checkpoint.read_config(manager, step), quiet=True)
     if t.init_from:  # a fine-tuning run's architecture is the one it started from
       cfg = _with_architecture(cfg, saved_cfg.model, t.init_from)
+    if saved_cfg.optim.name != cfg.optim.name:
+      raise UserError(f"{t.out_dir} was trained with optim.name={saved_cfg.optim.name}, not {cfg.optim.name}: its "
+                      f"optimizer state is {saved_cfg.optim.name}'s; resume with optim.name={saved_cfg.optim.name}, "
+                      f"or fine-tune with train.init_from={t.out_dir} and a new train.out_dir")
     if _how_computed_aside(saved_cfg.model) != _how_computed_aside(cfg.model):
       raise UserError(f"the model config differs from the checkpoint's in {t.out_dir}; saved: {saved_cfg.model}")
     return cfg, latest, None
@@ -164,7 +168,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                                     fingerprint=prepared.fingerprint, name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
   train_batches.batch(0)  # drawn (and its token ids checked) before anything is written
-  tx, schedule = optim.make_optimizer(cfg.optim), optim.lr_schedule(cfg.optim)
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
   tok = tokenizer_lib.from_meta(meta["tokenizer"])
   sample_prompt = hooks.sample_prompt_ids(tok, t.sample_prompt)  # checked before anything is written
   checkpoint.create_dir(t.out_dir, _checkpoint_bytes(cfg.model, tx))  # once the run is known sound: bad input writes nothing

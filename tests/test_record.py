@@ -43,7 +43,8 @@ def test_tensorboard_holds_what_the_run_logged(tiny_run):
   for kind, name, steps in (("train", "loss", [5, 10, 15, 20, 25, 30]), ("train", "lr", [5, 10, 15, 20, 25, 30]),
                             ("train", "grad_norm", [5, 30]), ("train", "tokens_per_s", [5, 30]),
                             ("train", "skipped_steps", [5, 30]), ("train", "mfu", [5, 30]), ("eval", "train_loss", [15, 30]),
-                            ("eval", "val_loss", [15, 30]), ("memory", "host_peak_rss_mib", [5, 30])):
+                            ("eval", "val_loss", [15, 30]), ("memory", "host_peak_rss_mib", [5, 30]),
+                            ("norms", "grad/layer_0", [5, 30]), ("norms", "param/wte", [5, 30])):
     logged, read = rows_of(run, kind, name), scalars(events, f"{kind}/{name}")
     assert set(steps) <= set(read) and set(read) == set(logged), (kind, name)
     np.testing.assert_allclose([read[s] for s in logged], list(logged.values()), rtol=1e-6)
@@ -63,7 +64,7 @@ def test_a_resume_that_rewinds_drops_the_record_past_its_checkpoint(tmp_path, ch
   first = rows_of(out, "eval", "val_loss")
   shutil.rmtree(out / "checkpoints" / "20")  # as if the run had died after logging step 20, before saving it
   train.train(cfg, resume=True, progress_bar=False, devices=jax.devices()[:1])
-  steps = [(row["kind"], row["step"]) for row in record.read_rows(out) if row["kind"] != "memory"]
+  steps = [(row["kind"], row["step"]) for row in record.read_rows(out) if row["kind"] not in ("memory", "norms")]
   assert steps == [("train", 5), ("train", 10), ("eval", 10), ("train", 15), ("train", 20), ("eval", 20)]
   assert rows_of(out, "eval", "val_loss") == first  # resumed exactly: the same losses again
   events = tensorboard_events(out)
@@ -71,7 +72,7 @@ def test_a_resume_that_rewinds_drops_the_record_past_its_checkpoint(tmp_path, ch
   assert sorted(scalars(events, "train/loss")) == [5, 10, 15, 20]
   check_loss_png(out / "loss.png")
   train.train(cfg, resume=True, progress_bar=False, devices=jax.devices()[:1])  # finished: reports, adds nothing
-  assert [(row["kind"], row["step"]) for row in record.read_rows(out) if row["kind"] != "memory"] == steps
+  assert [(row["kind"], row["step"]) for row in record.read_rows(out) if row["kind"] not in ("memory", "norms")] == steps
   assert sorted(scalars(tensorboard_events(out), "eval/val_loss")) == [10, 20]
 
 

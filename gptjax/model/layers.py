@@ -101,6 +101,11 @@ def norm(cfg: ModelConfig, size: int | None = None, axis: str = "embed", *, rngs
                        scale_metadata=axes(axis), bias_metadata=axes(axis), rngs=rngs)
 
 
+def soft_cap(logits, cap: float):
+  """Gemma 2's logit soft cap: cap * tanh(logits / cap), within (-cap, cap); 0: unchanged."""
+  return cap * jnp.tanh(logits / cap) if cap else logits
+
+
 @jax.custom_vjp
 def float32_logits(x_BTD, table_VD):
   """x [B, T, embd] times the head's table [vocab, embd] (inputs in the compute dtype) -> float32

@@ -29,7 +29,7 @@ from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model import sinusoidal
 from gptjax.model.attention import CausalSelfAttention, KVCache
-from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, scanned, sow
+from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, scanned, soft_cap, sow
 from gptjax.model.loss import LOGITS_AXES, next_token_nll
 from gptjax.model.mlp import MLP
 
@@ -112,14 +112,18 @@ class GPT(nnx.Module):
     return self._logits(x_BTD)
 
   def nll(self, tokens_BT, targets_BT, *, dropout_key: jax.Array | None = None):
-    """The next-token cross-entropy [B, T] (float32) of `targets` after `tokens`, from the head and
+    """The next-token cross-entropy [B, T] (float32) of `targets` after `tokens` (`losses`)."""
+    return self.losses(tokens_BT, targets_BT, dropout_key=dropout_key)[0]
+
+  def losses(self, tokens_BT, targets_BT, *, dropout_key: jax.Array | None = None):
+    """(the next-token cross-entropy [B, T], the log-partition [B, T]; float32), from the head and
     the loss computed in chunks of model.loss_chunk positions (`loss.next_token_nll`): the
     whole [B, T, vocab] logits never exist. Dropout only when given a key."""
     x_BTD, _ = self._forward(tokens_BT, None, dropout_key)
     dtype = compute_dtype(self.cfg)
     table_VD = sharding.constrain(self._head_table(), ("vocab", None))  # gathered over fsdp once, not per chunk
     return next_token_nll(x_BTD.astype(dtype), table_VD.astype(dtype), targets_BT, vocab_size=self.cfg.vocab_size,
-                          chunk=self.cfg.loss_chunk)
+                          chunk=self.cfg.loss_chunk, softcap=self.cfg.logit_softcap)
 
   def init_cache(self, batch: int, length: int | None = None) -> KVCache:
     """An empty cache for `length` positions (default: the whole context, block_size)."""
@@ -180,10 +184,11 @@ class GPT(nnx.Module):
 
   def _logits(self, x_BTD):
     """The LM head: [B, T, embd] -> float32 logits [B, T, vocab]; the matmul's inputs in the compute
-    dtype, its accumulation and output in float32 (a bfloat16 output would round every logit).
+    dtype, its accumulation and output in float32 (a bfloat16 output would round every logit),
+    soft-capped where the model is (`model.logit_softcap`).
     Padded vocabulary rows get the lowest logit: never sampled, never part of a softmax."""
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
-    logits_BTV = float32_logits(x_BTD.astype(dtype), self._head_table().astype(dtype))
+    logits_BTV = soft_cap(float32_logits(x_BTD.astype(dtype), self._head_table().astype(dtype)), cfg.logit_softcap)
     if cfg.padded_vocab > cfg.vocab_size:
       logits_BTV = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits_BTV, jnp.finfo(jnp.float32).min)
     sow(self, "logits", logits_BTV)
