@@ -126,6 +126,21 @@ class DataConfig:
   dir: str = "data/shakespeare_char"  # written by `gptjax prepare`
   mixture: str = ""  # DIR:WEIGHT,DIR:WEIGHT,...: each sequence from one of these prepared folders (replaces dir)
   allow_data_change: bool = False  # let --resume continue on data other than the checkpoint's
+  # Documents in packed windows (gptjax.model.documents), in training and evaluation: a position
+  # attends only within its own document. auto: where the tokenizer marks documents (a
+  # beginning-of-sequence or end-of-text token: GPT-2's, Llama's; the char tokenizer has none).
+  document_mask: str = "auto"
+  # The order of the training windows (gptjax.data): shuffled (epochs of non-overlapping windows,
+  # each epoch in its own permutation), random (windows drawn anywhere, with replacement: nanoGPT's,
+  # and what runs saved before this setting resume with), or auto: shuffled for one folder, random
+  # for a mixture. A resumed run keeps its checkpoint's order.
+  order: str = "auto"
+  document_positions: bool = False  # with the mask: positions (learned or rotary) restart at each document
+
+  @property
+  def window_order(self) -> str:
+    """data.order with auto resolved: shuffled for one folder, random for a mixture."""
+    return self.order if self.order != "auto" else ("random" if self.mixture else "shuffled")
 
   @property
   def mixture_weights(self) -> dict[str, float] | None:
@@ -335,6 +350,11 @@ def validate(cfg: Config) -> Config:
   """Checks that types alone cannot express."""
   m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.distributed
   checks = [
+      (cfg.data.order in ("auto", "shuffled", "random"), f"data.order={cfg.data.order!r} is not auto, shuffled or random"),
+      (cfg.data.order != "shuffled" or not cfg.data.mixture,
+       "data.order=shuffled walks one folder; a data.mixture draws at random (data.order=random or auto)"),
+      (str(cfg.data.document_mask).lower() in ("auto", "true", "false"),
+       f"data.document_mask={cfg.data.document_mask!r} is not auto, true or false"),
       (not cfg.data.mixture or cfg.data.mixture_weights,
        f"data.mixture={cfg.data.mixture!r} is not DIR:WEIGHT,DIR:WEIGHT,... with distinct folders and positive weights"),
       (min(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd) > 0,
@@ -412,8 +432,10 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(values: dict) -> Config:
   """A saved config; one saved before train.device_batch_size (when train.batch_size was the
-  micro-batch and grad_accum_steps its count) is read in today's terms."""
+  micro-batch and grad_accum_steps its count) or before data.order is read in today's terms."""
   train = values.get("train", {})
   if "train" in values and "device_batch_size" not in train and "grad_accum_steps" in train:
     values = {**values, "train": {**train, "batch_size": train["batch_size"] * train["grad_accum_steps"]}}
+  if "data" in values and "order" not in values["data"]:  # saved before data.order: windows drawn at random
+    values = {**values, "data": {**values["data"], "order": "random"}}
   return _merge(OmegaConf.create(values))

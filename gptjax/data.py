@@ -1,12 +1,15 @@
-"""Data: the token files that `gptjax prepare` wrote, and random training windows drawn from them.
+"""Data: the token files that `gptjax prepare` wrote, and the training windows taken from them.
 
     DIR/train.bin, DIR/val.bin   flat token ids (uint16, or uint32 for vocabularies over 65536)
     DIR/meta.json                tokenizer, vocabulary size, dtype, counts, largest token id, source, fingerprint
 
 A run reads one such folder (data.dir) or a weighted mixture of several (data.mixture).
-`TokenBatches` draws random windows. Batch i depends only on (seed, i), so the iterator's state is
-a step counter that the checkpoint stores, with the data's fingerprint: a resumed run continues the
-very same stream, and refuses other data.
+`TokenBatches` makes the windows in one of two orders (data.order): `shuffled` walks the corpus as
+epochs of non-overlapping windows, each epoch in its own permutation (a function of seed and
+epoch, computed for the indices asked and never held: `permute`); `random` draws windows at
+random places, with replacement (nanoGPT's way, and a mixture's). Either way batch i depends only
+on (seed, i), so the iterator's state is a step counter that the checkpoint stores, with the
+data's fingerprint: a resumed run continues the very same stream, and refuses other data.
 """
 
 import dataclasses
@@ -63,6 +66,47 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
   return tokens
 
 
+def document_start(cfg: config_lib.DataConfig, tokenizer) -> int | None:
+  """The token that opens each document, for document masking (data.document_mask): the
+  tokenizer's beginning-of-sequence token, else its end-of-text; None: no masking."""
+  start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
+  setting = str(cfg.document_mask).lower()
+  if setting == "true" and start is None:
+    raise UserError("data.document_mask=true needs a tokenizer that marks documents (end-of-text or "
+                    "beginning-of-sequence); this data's marks none: set data.document_mask=auto or false")
+  if setting == "false" or start is None:
+    if cfg.document_positions:
+      raise UserError("data.document_positions=true needs the document mask (data.document_mask, and a tokenizer that marks documents)")
+    return None
+  return start
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+  """SplitMix64's finaliser of x ^ key (uint64, wrapping): every input bit reaches every output bit."""
+  z = x ^ key
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def permute(indices: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+  """Where `indices` (in [0, n)) go in a pseudo-random permutation of [0, n) chosen by (seed,
+  epoch), in constant memory: a 4-round Feistel network over the smallest even number of bits
+  that holds n, re-applied to any value that lands at or past n (cycle walking)."""
+  half = max(1, ((n - 1).bit_length() + 1) // 2)
+  low = np.uint64((1 << half) - 1)
+  keys = np.random.default_rng((seed, epoch, 0x5EED)).integers(0, 2**63, size=4, dtype=np.uint64)
+  x = np.asarray(indices, np.uint64).copy()
+  outside = np.ones(x.shape, bool)
+  while outside.any():
+    left, right = x[outside] >> np.uint64(half), x[outside] & low
+    for key in keys:
+      left, right = right, left ^ (_mix(right, key) & low)
+    x[outside] = (left << np.uint64(half)) | right
+    outside = x >= n
+  return x.astype(np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class Prepared:
   """The data a run reads: one prepared folder, or a weighted mixture of several with one tokenizer."""
@@ -91,17 +135,18 @@ def load_prepared(cfg: config_lib.DataConfig) -> Prepared:
 
 
 class TokenBatches:
-  """Random windows of `block_size + 1` tokens, as (inputs, targets) of shape [accum, batch, block].
+  """Windows of `block_size + 1` tokens, as (inputs, targets) of shape [accum, batch, block].
 
   `tokens` is one token array, or several with `weights`: each sequence comes from one of them,
   drawn with those weights. `batch_size` counts sequences over all processes; each process
-  materialises only its own rows.
+  materialises only its own rows. `order`: shuffled (epochs of the windows that start every
+  `block_size` tokens, each window once per epoch; one array only) or random.
   """
 
   def __init__(self, tokens: np.ndarray | list[np.ndarray], *, batch_size: int, block_size: int,
                accum_steps: int = 1, seed: int = 0, step: int = 0, process_index: int = 0, process_count: int = 1,
                weights: tuple[float, ...] = (1.0,), fingerprint: str | None = None, name: str = "data",
-               vocab_size: int | None = None):
+               vocab_size: int | None = None, order: str = "random"):
     self.sources = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
     for source in self.sources:
       if len(source) < block_size + 1:
@@ -114,10 +159,27 @@ class TokenBatches:
     self.shape = (accum_steps, batch_size)
     local = batch_size // process_count
     self.rows = slice(process_index * local, (process_index + 1) * local)
+    if order == "shuffled" and len(self.sources) > 1:
+      raise UserError("data.order=shuffled walks one folder; a data.mixture draws at random (data.order=random)")
+    self.order = order
+    self.windows_per_epoch = (len(self.sources[0]) - 1) // block_size  # shuffled: starts 0, T, 2T, ...
+
+  def epoch(self, step: int) -> float:
+    """How many epochs of windows the batches before `step` took (shuffled order)."""
+    return step * self.shape[0] * self.shape[1] / self.windows_per_epoch
 
   def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng((self.seed, step))
     offsets = np.arange(self.block_size + 1)
+    if self.order == "shuffled":
+      first = step * self.shape[0] * self.shape[1]  # the step's sequences are numbers first, first + 1, ...
+      numbers = (first + np.arange(self.shape[0] * self.shape[1])).reshape(self.shape)[:, self.rows]
+      epochs, places = np.divmod(numbers, self.windows_per_epoch)
+      windows_index = np.empty_like(numbers)
+      for epoch in np.unique(epochs):  # a step spans at most two epochs (or more, on a tiny corpus)
+        windows_index[epochs == epoch] = permute(places[epochs == epoch], self.windows_per_epoch, self.seed, int(epoch))
+      windows = self.sources[0][windows_index[..., None] * self.block_size + offsets]
+      return self._checked(windows, step)
+    rng = np.random.default_rng((self.seed, step))
     if len(self.sources) == 1:  # the draw of a single folder is unchanged: older runs resume exactly
       tokens = self.sources[0]
       starts = rng.integers(0, len(tokens) - self.block_size, size=self.shape)[:, self.rows]
@@ -129,6 +191,9 @@ class TokenBatches:
       for k, tokens in enumerate(self.sources):
         starts = (place[which == k] * (len(tokens) - self.block_size)).astype(np.int64)
         windows[which == k] = tokens[starts[:, None] + offsets]
+    return self._checked(windows, step)
+
+  def _checked(self, windows: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
     if self.vocab_size is not None and windows.size and (largest := int(windows.max())) >= self.vocab_size:
       raise UserError(f"batch {step} of the {self.name} split holds token id {largest}, not below the vocabulary "
                       f"size {self.vocab_size}: the token files are not what meta.json describes; prepare the data again")

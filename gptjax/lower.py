@@ -90,7 +90,7 @@ def _lower_sampling(cfg, mesh, platform: str, batch: int, prompt_length: int):
             jax.jit(decode).trace(params, cache, token).lower(lowering_platforms=(platform,)))
 
 
-def _partitioned(cfg, mesh, dtype: str, batch: int, prompt_length: int) -> dict[str, str]:
+def _partitioned(cfg, mesh, dtype: str, batch: int, prompt_length: int, document_start: int | None = None) -> dict[str, str]:
   """{step: optimized HLO} of the same steps compiled for this machine's CPU devices, with XLA's
   attention in place of a fused kernel and the target's dtype: where XLA's SPMD partitioner puts
   the collectives that the shardings imply (the same partitioner compiles for GPUs and TPUs)."""
@@ -100,15 +100,16 @@ def _partitioned(cfg, mesh, dtype: str, batch: int, prompt_length: int) -> dict[
   from gptjax import steps as steps_lib  # noqa: PLC0415
   twin = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla", dtype=dtype))
   tx, schedule = optim.make_optimizer(twin.optim, twin.model), optim.lr_schedule(twin.optim)
-  train_step = steps_lib.lower_steps(twin, tx, schedule, mesh)[0]
+  train_step = steps_lib.lower_steps(twin, tx, schedule, mesh, document_start=document_start)[0]
   prefill, decode = _lower_sampling(twin, mesh, "cpu", batch, prompt_length)
   return {name: lowered.compile().as_text()
           for name, lowered in (("train_step", train_step), ("prefill", prefill), ("decode", decode))}
 
 
 def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None = None,
-          partition: bool = True) -> dict:
-  """Lowers `cfg`'s steps for `platform` over a mesh of `devices`; writes OUT_DIR/{train_step,
+          partition: bool = True, document_start: int | None = None) -> dict:
+  """Lowers `cfg`'s steps for `platform` over a mesh of `devices` (with document masking where
+  `document_start` names the token opening each document); writes OUT_DIR/{train_step,
   prefill, decode}.mlir and returns {"attention": the start-up line, "texts": {step: StableHLO},
   "partitioned": {step: the CPU twin's optimized HLO} (with `partition`), "params": [(name, shape,
   spec)], "mesh": the mesh}."""
@@ -130,11 +131,11 @@ def lower(cfg, platform: str, devices, out_dir: str, prompt_length: int | None =
   with model_lib.lowering_for(platform), (_cudnn_version_answered() if platform == "cuda" else contextlib.nullcontext()):
     attention = kernels.report(cfg.model, cfg.model.block_size)
     tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
-    train_step, _, abstract, state_shardings = steps_lib.lower_steps(cfg, tx, schedule, mesh, platform)
+    train_step, _, abstract, state_shardings = steps_lib.lower_steps(cfg, tx, schedule, mesh, platform, document_start)
     prefill, decode = _lower_sampling(cfg, mesh, platform, shards, prompt_length)
     dtype = jnp.dtype(model_lib.compute_dtype(cfg.model)).name
   texts = {"train_step": train_step.as_text(), "prefill": prefill.as_text(), "decode": decode.as_text()}
-  partitioned = _partitioned(cfg, mesh, dtype, shards, prompt_length) if partition else {}
+  partitioned = _partitioned(cfg, mesh, dtype, shards, prompt_length, document_start) if partition else {}
   out = pathlib.Path(out_dir)
   try:
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +230,8 @@ def main(argv=None) -> None:
   parser.add_argument("--devices", type=int, default=8, help="devices in the mesh (simulated here)")
   parser.add_argument("--prompt-length", type=int, default=None, help="prefill's prompt (default: block_size // 2)")
   parser.add_argument("--out", default=None, help="where the .mlir files go (default: lowered/CONFIG-PLATFORM)")
+  parser.add_argument("--document-start", type=int, default=None,
+                      help="lower the train step with document masking, each document opened by this token id")
   parser.add_argument("--no-collectives", action="store_true",
                       help="skip compiling the steps for this machine's CPUs to count the collectives")
   args = parser.parse_intermixed_args(argv)
@@ -245,5 +248,6 @@ def main(argv=None) -> None:
   if len(devices) < args.devices:
     raise UserError(f"--devices={args.devices}: this process has only {len(devices)} CPU devices")
   out_dir = args.out or os.path.join("lowered", f"{pathlib.Path(args.config).stem}-{args.platform}")
-  lowered = lower(cfg, args.platform, devices[:args.devices], out_dir, args.prompt_length, not args.no_collectives)
+  lowered = lower(cfg, args.platform, devices[:args.devices], out_dir, args.prompt_length, not args.no_collectives,
+                  args.document_start)
   print(summary(cfg, args.platform, lowered, out_dir))

@@ -8,6 +8,7 @@ activation constraints bind.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -20,6 +21,7 @@ from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import optim
 from gptjax import sharding
+from gptjax.model import documents as documents_lib
 
 
 @flax.struct.dataclass
@@ -30,11 +32,13 @@ class TrainState:
 
 
 def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, schedule, seed: int,
-                    z_loss: float = 0.0):
+                    z_loss: float = 0.0, split_documents: Callable | None = None):
+  """`split_documents`: inputs [B, T] -> `documents.Documents` (document masking), or None."""
   def loss_fn(params, inputs, targets, dropout_key):
     """What is differentiated: the cross-entropy, plus z_loss times the mean squared log-partition
     (PaLM's z-loss); aside, (the cross-entropy, that mean square)."""
-    nll_BT, log_partition_BT = model_lib.bind(cfg, params).losses(inputs, targets, dropout_key=dropout_key)
+    nll_BT, log_partition_BT = model_lib.bind(cfg, params).losses(
+        inputs, targets, dropout_key=dropout_key, documents=split_documents and split_documents(inputs))
     nll, z_square = nll_BT.mean(), jnp.square(log_partition_BT).mean()
     return nll + z_loss * z_square if z_loss else nll, (nll, z_square)
 
@@ -62,9 +66,10 @@ def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformatio
   return train_step
 
 
-def make_eval_step(cfg: config_lib.ModelConfig):
+def make_eval_step(cfg: config_lib.ModelConfig, split_documents: Callable | None = None):
   def eval_step(params, inputs, targets):  # inputs, targets: [1, batch, block]
-    return model_lib.bind(cfg, params).nll(inputs[0], targets[0]).mean()
+    documents = split_documents and split_documents(inputs[0])
+    return model_lib.bind(cfg, params).nll(inputs[0], targets[0], documents=documents).mean()
 
   return eval_step
 
@@ -108,9 +113,13 @@ class Steps:
   shardings: TrainState
 
 
-def lower_steps(cfg: config_lib.Config, tx, schedule, mesh, platform: str | None = None):
+def lower_steps(cfg: config_lib.Config, tx, schedule, mesh, platform: str | None = None,
+                document_start: int | None = None):
   """(train step, eval step) lowered over `mesh` for `platform` (default: its devices'), with the
-  abstract state and its shardings. Lowering for another platform needs `model.lowering_for` too."""
+  abstract state and its shardings. Lowering for another platform needs `model.lowering_for` too.
+  `document_start`: the token opening each document, for document masking (None: no masking)."""
+  split_documents = None if document_start is None else functools.partial(
+      documents_lib.split, start_id=document_start, restart_positions=cfg.data.document_positions)
   abstract, shardings = state_shardings(cfg.model, tx, mesh)
   batches = sharding.batch_sharding(mesh)
   platforms = None if platform is None else (platform,)
@@ -121,20 +130,20 @@ def lower_steps(cfg: config_lib.Config, tx, schedule, mesh, platform: str | None
 
   with jax.set_mesh(mesh):
     train_step = jax.jit(
-        make_train_step(cfg.model, tx, schedule, cfg.train.seed, cfg.optim.z_loss),
+        make_train_step(cfg.model, tx, schedule, cfg.train.seed, cfg.optim.z_loss, split_documents),
         in_shardings=(shardings, batches, batches), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     ).trace(abstract, batch_spec(accum_steps), batch_spec(accum_steps))
     eval_step = jax.jit(
-        make_eval_step(cfg.model), in_shardings=(shardings.params, batches, batches),
+        make_eval_step(cfg.model, split_documents), in_shardings=(shardings.params, batches, batches),
         out_shardings=sharding.replicated(mesh),
     ).trace(abstract.params, batch_spec(1), batch_spec(1))
     return (train_step.lower(lowering_platforms=platforms), eval_step.lower(lowering_platforms=platforms),
             abstract, shardings)
 
 
-def compile_steps(cfg: config_lib.Config, tx, schedule, mesh) -> Steps:
-  train_step, eval_step, abstract, shardings = lower_steps(cfg, tx, schedule, mesh)
+def compile_steps(cfg: config_lib.Config, tx, schedule, mesh, document_start: int | None = None) -> Steps:
+  train_step, eval_step, abstract, shardings = lower_steps(cfg, tx, schedule, mesh, document_start=document_start)
   return Steps(train_step.compile(), eval_step.compile(), abstract, shardings)
 
 

@@ -86,6 +86,7 @@ def resolve_run(cfg: config_lib.Config, manager, resume: bool, meta: dict) -> tu
       raise UserError(f"{t.out_dir} was trained with optim.name={saved_cfg.optim.name}, not {cfg.optim.name}: its "
                       f"optimizer state is {saved_cfg.optim.name}'s; resume with optim.name={saved_cfg.optim.name}, "
                       f"or fine-tune with train.init_from={t.out_dir} and a new train.out_dir")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, order=saved_cfg.data.order))  # the same stream
     if _how_computed_aside(saved_cfg.model) != _how_computed_aside(cfg.model):
       raise UserError(f"the model config differs from the checkpoint's in {t.out_dir}; saved: {saved_cfg.model}")
     return cfg, latest, None
@@ -143,6 +144,21 @@ def _start_line(cfg: config_lib.Config, steps: steps_lib.Steps, mesh, start_step
           f"{f', fine-tuning {t.init_from}' if t.init_from else ''}")
 
 
+def _documents_line(cfg: config_lib.DataConfig, tok, start: int | None) -> str:
+  if start is None:
+    why = "data.document_mask=false" if str(cfg.document_mask).lower() == "false" else "the tokenizer marks none"
+    return f"documents: not masked ({why}): windows attend across document boundaries"
+  positions = ", positions counted from each document's start" if cfg.document_positions else ""
+  return f"documents: masked, each opened by token {start} ({tok.decode([start])!r}){positions}"
+
+
+def _order_line(batches: data.TokenBatches, max_iters: int) -> str:
+  if batches.order == "random":
+    return "data: windows drawn at random places, with replacement (data.order=random)"
+  return (f"data: shuffled epochs of {batches.windows_per_epoch:,} windows; {max_iters} steps are "
+          f"{batches.epoch(max_iters):.2f} epochs (data.order=shuffled)")
+
+
 def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = True,
           devices=None, resume_hint: str = "the same command with --resume") -> tuple[dict, TrainState]:
   """Trains as `cfg` says; returns the final {"step", "train_loss", "val_loss"} and TrainState,
@@ -164,17 +180,18 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                     vocab_size=meta["vocab_size"],
                     process_index=jax.process_index(), process_count=jax.process_count())
   splits = prepared.splits
-  train_batches = data.TokenBatches(splits["train"], accum_steps=accum_steps, seed=t.seed,
+  train_batches = data.TokenBatches(splits["train"], accum_steps=accum_steps, seed=t.seed, order=cfg.data.window_order,
                                     fingerprint=prepared.fingerprint, name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
   train_batches.batch(0)  # drawn (and its token ids checked) before anything is written
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
   tok = tokenizer_lib.from_meta(meta["tokenizer"])
+  document_start = data.document_start(cfg.data, tok)
   sample_prompt = hooks.sample_prompt_ids(tok, t.sample_prompt)  # checked before anything is written
   checkpoint.create_dir(t.out_dir, _checkpoint_bytes(cfg.model, tx))  # once the run is known sound: bad input writes nothing
 
   with lock.RunLock(t.out_dir, hold=jax.process_index() == 0):  # process 0 holds it for a multi-host run
-    steps = steps_lib.compile_steps(cfg, tx, schedule, mesh)
+    steps = steps_lib.compile_steps(cfg, tx, schedule, mesh, document_start)
     state = initial_state(cfg, steps, tx, manager, resume_step, source_step, train_batches)
     start_step = int(state.step)
     log = tqdm.write if jax.process_index() == 0 else (lambda message: None)  # above the progress bar
@@ -182,6 +199,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                disable=None if progress_bar and jax.process_index() == 0 else True)  # None: only on a terminal
     log(_start_line(cfg, steps, mesh, start_step, resume))
     log(attention)
+    log(_documents_line(cfg.data, tok, document_start))
+    log(_order_line(train_batches, t.max_iters))
     log(layers.scan_report(cfg.model))
     log(compile_cache.report())
     for line in sharding.unsplit_report(*model_lib.abstract_params(cfg.model), mesh):

@@ -160,3 +160,45 @@ def test_a_folder_prepared_before_the_range_was_recorded_is_checked_per_batch(ch
   tokens.flush()
   with pytest.raises(UserError, match="batch 3 of the data split holds token id 80, not below the vocabulary size 77"):
     batches.batch(3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 1000, 65537])
+def test_permute_is_a_permutation_chosen_by_seed_and_epoch(n):
+  indices = np.arange(n)
+  image = data.permute(indices, n, seed=3, epoch=0)
+  np.testing.assert_array_equal(np.sort(image), indices)
+  np.testing.assert_array_equal(data.permute(indices[::-1], n, 3, 0), image[::-1])  # pointwise: any order of asking
+  if n >= 64:
+    for other in (data.permute(indices, n, 4, 0), data.permute(indices, n, 3, 1)):
+      assert (other != image).mean() > 0.9
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_shuffled_order_takes_every_window_once_per_epoch_split_across_processes(process_count):
+  """200 windows of 8 tokens (1601 tokens), batches of 2 x 5: an epoch is 20 steps. Each window
+  starts at a multiple of 8 and appears once per epoch; the next epoch is another permutation;
+  processes see disjoint rows of the same global order."""
+  tokens = np.arange(1601, dtype=np.uint16)
+  kwargs = dict(batch_size=10, block_size=8, accum_steps=2, seed=5, order="shuffled")
+  parts = [data.TokenBatches(tokens, **kwargs, process_index=i, process_count=process_count) for i in range(process_count)]
+  assert parts[0].windows_per_epoch == 200 and parts[0].epoch(20) == 2.0
+  starts = lambda step: np.concatenate([p.batch(step)[0][..., 0] for p in parts], axis=1).ravel()  # noqa: E731
+  first, second = (np.concatenate([starts(s) for s in range(e * 10, e * 10 + 10)]) for e in (0, 1))
+  for epoch in (first, second):
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(200) * 8)
+  assert (first != second).mean() > 0.9
+  x, y = parts[0].batch(3)
+  np.testing.assert_array_equal(y, x + 1)
+  whole = data.TokenBatches(tokens, **kwargs).batch(13)[0]
+  np.testing.assert_array_equal(np.concatenate([p.batch(13)[0] for p in parts], axis=1), whole)
+  again = data.TokenBatches(tokens, **kwargs)
+  again.restore({"seed": 5, "step": 13, "fingerprint": None})
+  np.testing.assert_array_equal(next(again)[0], whole)  # a function of (seed, step) alone: resumes exactly
+
+
+def test_a_config_saved_before_data_order_reads_as_random_and_new_ones_shuffle_one_folder():
+  saved = config_lib.to_dict(config_lib.load_config("shakespeare_char_cpu"))
+  del saved["data"]["order"]
+  assert config_lib.from_dict(saved).data.window_order == "random"
+  assert config_lib.load_config("shakespeare_char_cpu").data.window_order == "shuffled"
+  assert config_lib.load_config(None, ["data.mixture=a:1,b:1"]).data.window_order == "random"

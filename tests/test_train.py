@@ -114,6 +114,29 @@ def test_resume_continues_exactly(tmp_path, char_data):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_a_checkpoint_from_before_data_order_resumes_its_random_draws_exactly(tmp_path, char_data, monkeypatch):
+  """A run saved before data.order existed drew windows at random; resumed with today's defaults
+  (auto: shuffled for one folder), it goes on drawing them as before."""
+  common = [f"data.dir={char_data}", "train.checkpoint_interval=4", "train.eval_interval=4"]
+  straight, _ = train.train(tiny_config(tmp_path / "a", *common, "data.order=random", "train.max_iters=8"),
+                            progress_bar=False, devices=jax.devices()[:1])
+  to_dict = config_lib.to_dict
+  with monkeypatch.context() as m:
+    def without_order(cfg):
+      values = to_dict(cfg)
+      del values["data"]["order"]
+      return values
+    m.setattr(checkpoint.config_lib, "to_dict", without_order)
+    train.train(tiny_config(tmp_path / "b", *common, "data.order=random", "train.max_iters=4"),
+                progress_bar=False, devices=jax.devices()[:1])
+  resumed, _ = train.train(tiny_config(tmp_path / "b", *common, "train.max_iters=8"), resume=True,
+                           progress_bar=False, devices=jax.devices()[:1])
+  assert resumed == straight
+  shuffled, _ = train.train(tiny_config(tmp_path / "c", *common, "train.max_iters=8"),
+                            progress_bar=False, devices=jax.devices()[:1])
+  assert shuffled["val_loss"] != straight["val_loss"]  # today's default is another stream
+
+
 def test_profile_traces_the_steps_asked_for(tmp_path, char_data, capsys):
   cfg = tiny_config(tmp_path, f"data.dir={char_data}", "train.max_iters=6", "train.profile=2:4")
   train.train(cfg, progress_bar=False, devices=jax.devices()[:1])

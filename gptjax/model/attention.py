@@ -27,6 +27,7 @@ from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model import kernels
 from gptjax.model import rotary
+from gptjax.model.documents import Documents
 from gptjax.model.kernels.blocked import attend, attention_stages
 from gptjax.model.layers import axes, capturing, compute_dtype, norm, sow
 
@@ -63,9 +64,9 @@ class CausalSelfAttention(nnx.Module):
         kernel_metadata=axes("heads", "kv", "embed"), bias_metadata=axes("embed"), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def _project(self, x_BTD, start):
+  def _project(self, x_BTD, start, positions_BT=None):
     """-> queries [B, T, heads, head_dim], keys and values [B, T, kv_heads, head_dim] at positions
-    start, start + 1, ... (normalised and rotated as configured)."""
+    start, start + 1, ... or `positions_BT` (normalised and rotated as configured)."""
     if hasattr(self, "c_attn"):
       qkv_BT3HK = sharding.constrain(self.c_attn(x_BTD), ("batch", "sequence", None, "heads", "kv"))
       # One split, not three slices: the gradient is one concatenation instead of three padded sums.
@@ -79,18 +80,21 @@ class CausalSelfAttention(nnx.Module):
       q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
       sow(self, "queries_normed", q_BTHK), sow(self, "keys_normed", k_BTGK)
     if self.cfg.positions == "rope":
-      positions_T = start + jnp.arange(x_BTD.shape[1])
-      q_BTHK, k_BTGK = rotary.rotate(q_BTHK, positions_T, self.cfg), rotary.rotate(k_BTGK, positions_T, self.cfg)
+      positions = start + jnp.arange(x_BTD.shape[1]) if positions_BT is None else positions_BT
+      q_BTHK, k_BTGK = rotary.rotate(q_BTHK, positions, self.cfg), rotary.rotate(k_BTGK, positions, self.cfg)
       sow(self, "queries_rotated", q_BTHK), sow(self, "keys_rotated", k_BTGK)
     if self.cfg.attention_scale == "none":  # every kernel divides the scores by sqrt(head_dim): undone here
       q_BTHK = q_BTHK * jnp.asarray(math.sqrt(self.cfg.head_size), q_BTHK.dtype)
     return q_BTHK, k_BTGK, v_BTGK
 
-  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False):
+  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False,
+               documents: Documents | None = None):
     """-> (output [B, T, embd], the cache with this call's keys and values written into layer
     `layer`'s arrays at positions [length, length + T); None without a cache). `prefill`: the
-    cache is empty, so the tokens attend among themselves with the training kernel."""
-    q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, 0 if cache is None else cache.length)
+    cache is empty, so the tokens attend among themselves with the training kernel. `documents`
+    (training and evaluation): each position attends within its own document."""
+    q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, 0 if cache is None else cache.length,
+                                           None if documents is None else documents.positions_BT)
     if cache is not None:
       cache = self._write(k_BTGK, v_BTGK, cache, layer)
     if cache is not None and not prefill:
@@ -98,7 +102,8 @@ class CausalSelfAttention(nnx.Module):
     elif capturing(self):
       y_BTHK = self._attend_captured(q_BTHK, k_BTGK, v_BTGK)
     else:
-      y_BTHK = kernels.causal_attention(q_BTHK, k_BTGK, v_BTGK, self.cfg)
+      y_BTHK = kernels.causal_attention(q_BTHK, k_BTGK, v_BTGK, self.cfg,
+                                        None if documents is None else documents.segments_BT)
     y_BTD = self.c_proj(y_BTHK)
     sow(self, "output", y_BTD)
     return self.dropout(y_BTD, deterministic=dropout_key is None, rngs=dropout_key), cache

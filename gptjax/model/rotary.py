@@ -28,10 +28,11 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
   return scaled.astype(np.float32)
 
 
-def rotate(x_BTHK: jax.Array, positions_T: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Queries or keys [B, T, heads, head_dim] at `positions_T`, rotated; computed in float32."""
-  angles_TF = positions_T.astype(jnp.float32)[:, None] * inverse_frequencies(cfg)[None, :]
-  cos_T1F, sin_T1F = jnp.cos(angles_TF)[:, None], jnp.sin(angles_TF)[:, None]
+def rotate(x_BTHK: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Queries or keys [B, T, heads, head_dim] at `positions` ([T], or [B, T]: each row's own),
+  rotated; computed in float32."""
+  angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies(cfg)  # [(B,) T, head_dim / 2]
+  cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # a heads axis
   x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos_T1F - x2 * sin_T1F, x2 * cos_T1F + x1 * sin_T1F], axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BTHK.dtype)

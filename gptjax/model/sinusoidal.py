@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 
-def table(positions_T: jax.Array, width: int) -> jax.Array:
-  """[T, width] float32: the sinusoidal embedding of each position (width even)."""
+def table(positions: jax.Array, width: int) -> jax.Array:
+  """[..., width] float32: the sinusoidal embedding of each position (of any shape; width even)."""
   inverse_frequencies = 1.0 / 10000.0 ** (jnp.arange(0, width, 2, dtype=jnp.float32) / width)  # [width / 2]
-  angles_TF = positions_T.astype(jnp.float32)[:, None] * inverse_frequencies[None, :]
-  return jnp.stack([jnp.sin(angles_TF), jnp.cos(angles_TF)], axis=-1).reshape(positions_T.shape[0], width)
+  angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies
+  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, width)

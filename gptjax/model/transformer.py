@@ -29,6 +29,7 @@ from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model import sinusoidal
 from gptjax.model.attention import CausalSelfAttention, KVCache
+from gptjax.model.documents import Documents
 from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, scanned, soft_cap, sow
 from gptjax.model.loss import LOGITS_AXES, next_token_nll
 from gptjax.model.mlp import MLP
@@ -51,10 +52,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
     self.post_norm = cfg.norm_position == "post"
 
-  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False):
+  def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False,
+               documents: Documents | None = None):
     attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     x_BTD, cache = self._residual(x_BTD, self.ln_1, "ln_1", "attention_residual",
-                                  lambda h_BTD: self.attn(h_BTD, cache, layer, attn_key, prefill))
+                                  lambda h_BTD: self.attn(h_BTD, cache, layer, attn_key, prefill, documents))
     x_BTD, _ = self._residual(x_BTD, self.ln_2, "ln_2", "mlp_residual", lambda h_BTD: (self.mlp(h_BTD, mlp_key), None))
     return sharding.constrain(x_BTD, RESIDUAL_AXES), cache
 
@@ -111,15 +113,17 @@ class GPT(nnx.Module):
     x_BTD, _ = self._forward(tokens_BT, None, dropout_key)
     return self._logits(x_BTD)
 
-  def nll(self, tokens_BT, targets_BT, *, dropout_key: jax.Array | None = None):
+  def nll(self, tokens_BT, targets_BT, *, dropout_key: jax.Array | None = None, documents: Documents | None = None):
     """The next-token cross-entropy [B, T] (float32) of `targets` after `tokens` (`losses`)."""
-    return self.losses(tokens_BT, targets_BT, dropout_key=dropout_key)[0]
+    return self.losses(tokens_BT, targets_BT, dropout_key=dropout_key, documents=documents)[0]
 
-  def losses(self, tokens_BT, targets_BT, *, dropout_key: jax.Array | None = None):
+  def losses(self, tokens_BT, targets_BT, *, dropout_key: jax.Array | None = None, documents: Documents | None = None):
     """(the next-token cross-entropy [B, T], the log-partition [B, T]; float32), from the head and
     the loss computed in chunks of model.loss_chunk positions (`loss.next_token_nll`): the
-    whole [B, T, vocab] logits never exist. Dropout only when given a key."""
-    x_BTD, _ = self._forward(tokens_BT, None, dropout_key)
+    whole [B, T, vocab] logits never exist. Dropout only when given a key. With `documents`, each
+    position attends within its own document (and counts its position from its start, where they
+    say so)."""
+    x_BTD, _ = self._forward(tokens_BT, None, dropout_key, documents=documents)
     dtype = compute_dtype(self.cfg)
     table_VD = sharding.constrain(self._head_table(), ("vocab", None))  # gathered over fsdp once, not per chunk
     return next_token_nll(x_BTD.astype(dtype), table_VD.astype(dtype), targets_BT, vocab_size=self.cfg.vocab_size,
@@ -151,7 +155,8 @@ class GPT(nnx.Module):
     x_B1D, cache = self._forward(tokens_BT, cache, None, layers, prefill)
     return self._logits(x_B1D)[:, 0], cache.replace(length=cache.length + tokens_BT.shape[1])
 
-  def _forward(self, tokens_BT, cache: KVCache | None, dropout_key, layers=None, prefill: bool = False):
+  def _forward(self, tokens_BT, cache: KVCache | None, dropout_key, layers=None, prefill: bool = False,
+               documents: Documents | None = None):
     """-> (the final norm's output [B, T, embd] without a cache, or of the last position [B, 1, embd]
     with one; the cache)."""
     cfg = self.cfg
@@ -161,17 +166,18 @@ class GPT(nnx.Module):
     x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(compute_dtype(cfg))
     sow(self, "token_embeddings", x_BTD)
     if cfg.positions in ("learned", "sinusoidal"):  # rotary positions are applied inside attention
-      positions_T = start + jnp.arange(tokens_BT.shape[1])
-      positions_TD = self.wpe(positions_T) if cfg.positions == "learned" else \
-          sinusoidal.table(positions_T, cfg.n_embd).astype(x_BTD.dtype)
-      sow(self, "position_embeddings", positions_TD)
-      x_BTD = x_BTD + positions_TD[None]
+      positions = start + jnp.arange(tokens_BT.shape[1])  # [T]; [B, T] counted per document
+      positions = positions if documents is None or documents.positions_BT is None else documents.positions_BT
+      table = self.wpe(positions) if cfg.positions == "learned" else \
+          sinusoidal.table(positions, cfg.n_embd).astype(x_BTD.dtype)  # [(B,) T, embd]
+      sow(self, "position_embeddings", table)
+      x_BTD = x_BTD + table
       sow(self, "embeddings", x_BTD)
     x_BTD = self.dropout(x_BTD, deterministic=embed_key is None, rngs=embed_key)
     x_BTD = sharding.constrain(x_BTD, RESIDUAL_AXES)
     layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.n_layer)
     if cache is None:
-      x_BTD = self._blocks(x_BTD, layer_keys)
+      x_BTD = self._blocks(x_BTD, layer_keys, documents)
     else:  # generation: blocks unrolled, each with its own weights and cache; the next token's logits only
       graphdef = nnx.graphdef(self.h)
       for i, params in enumerate(layers or self.layer_params()):
@@ -198,7 +204,7 @@ class GPT(nnx.Module):
     """The LM head's [padded vocab, embd] table: the token embedding (tied) or lm_head's kernel."""
     return self.wte.embedding[...] if self.cfg.tie_embeddings else self.lm_head.kernel[...].T
 
-  def _blocks(self, x_BTD, layer_keys):
+  def _blocks(self, x_BTD, layer_keys, documents: Documents | None):
     """Runs the stacked blocks in order (training and evaluation); layer_keys (or None) has a leading layer axis."""
     if capturing(self):
       return self._blocks_captured(x_BTD)
@@ -206,7 +212,7 @@ class GPT(nnx.Module):
 
     def layer(x_BTD, per_layer):
       params, key = per_layer
-      return nnx.merge(graphdef, params)(x_BTD, None, None, key)[0], None
+      return nnx.merge(graphdef, params)(x_BTD, None, None, key, documents=documents)[0], None
 
     scan = scanned(self.cfg)
     if self.cfg.remat != "none":

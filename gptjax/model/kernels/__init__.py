@@ -1,13 +1,14 @@
 """Causal attention kernels for training and the prompt pass, interchangeable: each is a function
 of queries [B, T, heads, head_dim] and keys, values [B, T, kv_heads, head_dim] -> [B, T, heads,
-head_dim], attending causally. `model.attention` chooses one:
+head_dim], attending causally, and with document segment ids [B, T] (`gptjax.model.documents`)
+only within each position's document. `model.attention` chooses one:
 
-| kernel | runs on | what it is |
-|---|---|---|
-| `cudnn` | NVIDIA GPUs, bfloat16 | cuDNN's fused flash attention (`cudnn.py`) |
-| `splash` | TPUs (a CPU in interpret mode) | Pallas splash attention (`splash.py`) |
-| `xla` | anywhere | one masked [T, T] softmax, as XLA fuses it (`xla.py`) |
-| `blocked` | anywhere | query blocks that skip the keys above the diagonal (`blocked.py`) |
+| kernel | runs on | what it is | documents |
+|---|---|---|---|
+| `cudnn` | NVIDIA GPUs, bfloat16 | cuDNN's fused flash attention (`cudnn.py`) | a [B, 1, T, T] mask |
+| `splash` | TPUs (a CPU in interpret mode) | Pallas splash attention (`splash.py`) | its segment ids |
+| `xla` | anywhere | one masked [T, T] softmax, as XLA fuses it (`xla.py`) | in the mask |
+| `blocked` | anywhere | query blocks that skip the keys above the diagonal (`blocked.py`) | in each block's mask |
 
 `auto` (the default) is cudnn on GPUs, splash on TPUs and blocked on CPUs; where the fused kernel
 does not apply (float32 on a GPU, a head size cuDNN does not take, a sequence that is not a
@@ -82,28 +83,33 @@ def report(cfg: ModelConfig, seq_len: int, platform: str | None = None) -> str:
   return f"attention: {choice.kernel} ({choice.why}); matmuls in {jnp.dtype(compute_dtype(cfg, platform)).name}"
 
 
-def causal_attention(q_BTHK, k_BTGK, v_BTGK, cfg: ModelConfig):
-  """Causal attention by the kernel `choose` picks for this sequence length."""
+def causal_attention(q_BTHK, k_BTGK, v_BTGK, cfg: ModelConfig, segments_BT=None):
+  """Causal attention by the kernel `choose` picks for this sequence length; with `segments_BT`
+  (int [B, T]), only among the positions of one segment (document)."""
   choice = choose(cfg, q_BTHK.shape[1], strict=False)
   if choice.kernel == "cudnn":
-    return per_shard(cudnn.causal_attend, q_BTHK, k_BTGK, v_BTGK)
+    return per_shard(cudnn.causal_attend, q_BTHK, k_BTGK, v_BTGK, segments_BT)
   if choice.kernel == "splash":
-    attend = lambda q, k, v: splash.causal_attend(q, k, v, interpret=current_platform() == "cpu")  # noqa: E731
-    return per_shard(attend, q_BTHK, k_BTGK, v_BTGK)
-  return (xla if choice.kernel == "xla" else blocked).causal_attend(q_BTHK, k_BTGK, v_BTGK)
+    attend = lambda *args: splash.causal_attend(*args, interpret=current_platform() == "cpu")  # noqa: E731
+    return per_shard(attend, q_BTHK, k_BTGK, v_BTGK, segments_BT)
+  return (xla if choice.kernel == "xla" else blocked).causal_attend(q_BTHK, k_BTGK, v_BTGK, segments_BT)
 
 
-def per_shard(attend, q_BTHK, k_BTGK, v_BTGK):
-  """`attend` on each device's rows and heads (`jax.shard_map`), split by the rules table as the
-  activations are: the batch over data and fsdp, the heads over tensor where it divides both the
-  query and the key/value heads (else every tensor shard takes all heads). Without a mesh, as is."""
+def per_shard(attend, q_BTHK, k_BTGK, v_BTGK, segments_BT=None):
+  """`attend(q, k, v, segments)` on each device's rows and heads (`jax.shard_map`), split by the
+  rules table as the activations are: the batch over data and fsdp, the heads over tensor where it
+  divides both the query and the key/value heads (else every tensor shard takes all heads); the
+  segments by rows. Without a mesh, as is."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return attend(q_BTHK, k_BTGK, v_BTGK)
+    return attend(q_BTHK, k_BTGK, v_BTGK, segments_BT)
 
   q_spec = sharding.fit(sharding.logical_to_spec(("batch", "sequence", "heads", "kv")), q_BTHK.shape, mesh)
   kv_spec = sharding.fit(sharding.logical_to_spec(("batch", "sequence", "kv_heads", "kv")), k_BTGK.shape, mesh)
   if q_spec[2] != kv_spec[2]:  # a query head must meet its key/value head on the same shard
     q_spec, kv_spec = P(*q_spec[:2], None, None), P(*kv_spec[:2], None, None)
-  return jax.shard_map(attend, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(
-      q_BTHK, k_BTGK, v_BTGK)
+  if segments_BT is None:
+    return jax.shard_map(lambda q, k, v: attend(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec),
+                         out_specs=q_spec, check_vma=False)(q_BTHK, k_BTGK, v_BTGK)
+  return jax.shard_map(attend, in_specs=(q_spec, kv_spec, kv_spec, P(*q_spec[:2])), out_specs=q_spec,
+                       check_vma=False)(q_BTHK, k_BTGK, v_BTGK, segments_BT)

@@ -8,9 +8,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gptjax.model import documents
 
-def causal_attend(q_BTHK, k_BTGK, v_BTGK):
-  """Queries [B, T, heads, head_dim] over keys and values [B, T, kv_heads, head_dim], causally.
+
+def causal_attend(q_BTHK, k_BTGK, v_BTGK, segments_BT=None):
+  """Queries [B, T, heads, head_dim] over keys and values [B, T, kv_heads, head_dim], causally
+  (and within each position's segment, given segment ids [B, T]: in each block's mask).
   The blocks above the diagonal, half the scores, are never computed. Four to eight blocks; on CPU
   this is twice as fast as attending with the full [T, T] mask (benchmarks/RESULTS.md)."""
   T = q_BTHK.shape[1]
@@ -20,6 +23,8 @@ def causal_attend(q_BTHK, k_BTGK, v_BTGK):
   for start in range(0, T, block):
     end = min(start + block, T)
     mask_QS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+    if segments_BT is not None:  # [B, 1, 1, Q, S]: broadcast over the [G, R] heads of the scores
+      mask_QS = (mask_QS & documents.same_document(segments_BT[:, start:end], segments_BT[:, :end]))[:, None, None]
     outputs.append(attend(q_BTHK[:, start:end], k_BGTK[:, :, :end], v_BGTK[:, :, :end], mask_QS))
   return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
 
@@ -27,7 +32,7 @@ def causal_attend(q_BTHK, k_BTGK, v_BTGK):
 @jax.custom_vjp
 def attend(q_BTHK, k_BGSK, v_BGSK, mask_TS):
   """Softmax attention as two einsums: queries [B, T, heads, head_dim] over keys and values
-  [B, kv_heads, S, head_dim] where mask [T, S] allows -> [B, T, heads, head_dim]. Scores and
+  [B, kv_heads, S, head_dim] where mask [T, S] (or [B, 1, 1, T, S]) allows -> [B, T, heads, head_dim]. Scores and
   softmax in float32. Its gradient is FlashAttention's: the softmax's row sums come from the
   output and its gradient ([T, head_dim]), not from the [T, S] weights."""
   return _attend_forward(q_BTHK, k_BGSK, v_BGSK, mask_TS)[0]

@@ -7,6 +7,8 @@ custom calls `__cudnn$fmhaSoftmax` and, for the gradient, `__cudnn$fmhaSoftmaxBa
 
 import jax
 
+from gptjax.model import documents
+
 HEAD_SIZE_MULTIPLE = 8
 
 
@@ -18,6 +20,9 @@ def max_head_size() -> int:
   return 256 if hopper else 128
 
 
-def causal_attend(q_BTHK, k_BTGK, v_BTGK):
-  """Queries [B, T, heads, head_dim] over keys and values [B, T, kv_heads, head_dim], causally."""
-  return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=True, implementation="cudnn")
+def causal_attend(q_BTHK, k_BTGK, v_BTGK, segments_BT=None):
+  """Queries [B, T, heads, head_dim] over keys and values [B, T, kv_heads, head_dim], causally
+  (and within each position's segment, given segment ids [B, T]: a [B, 1, T, T] mask, which cuDNN
+  takes as a bias; the scores stay in the kernel)."""
+  mask_B1TT = None if segments_BT is None else documents.same_document(segments_BT, segments_BT)[:, None]
+  return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask=mask_B1TT, is_causal=True, implementation="cudnn")

@@ -35,11 +35,16 @@ def _kernel(heads: int, T: int, interpret: bool, mesh: jax.sharding.AbstractMesh
                                             interpret=interpret)
 
 
-def causal_attend(q_BTHK, k_BTGK, v_BTGK, *, interpret: bool):
-  """Queries [B, T, heads, head_dim] over keys and values [B, T, kv_heads, head_dim], causally.
+def causal_attend(q_BTHK, k_BTGK, v_BTGK, segments_BT=None, *, interpret: bool):
+  """Queries [B, T, heads, head_dim] over keys and values [B, T, kv_heads, head_dim], causally
+  (and within each position's segment, given segment ids [B, T]: splash's own `SegmentIds`).
   Splash does not scale the scores: the queries are scaled by 1/sqrt(head_dim) first."""
+  from jax.experimental.pallas.ops.tpu import splash_attention  # noqa: PLC0415 (see _kernel)
   B, T, H, K = q_BTHK.shape
   kernel = _kernel(H, T, interpret, jax.sharding.get_abstract_mesh())
   q_BHTK = (q_BTHK * np.asarray(1 / math.sqrt(K), q_BTHK.dtype)).transpose(0, 2, 1, 3)
-  y_BHTK = jax.vmap(kernel)(q_BHTK, k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3))
-  return y_BHTK.transpose(0, 2, 1, 3)
+  k_BGTK, v_BGTK = k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3)
+  if segments_BT is None:
+    return jax.vmap(kernel)(q_BHTK, k_BGTK, v_BGTK).transpose(0, 2, 1, 3)
+  in_row = lambda q, k, v, segments_T: kernel(q, k, v, segment_ids=splash_attention.SegmentIds(segments_T, segments_T))  # noqa: E731
+  return jax.vmap(in_row)(q_BHTK, k_BGTK, v_BGTK, segments_BT).transpose(0, 2, 1, 3)
