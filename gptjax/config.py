@@ -126,6 +126,10 @@ class DataConfig:
   dir: str = "data/shakespeare_char"  # written by `gptjax prepare`
   mixture: str = ""  # DIR:WEIGHT,DIR:WEIGHT,...: each sequence from one of these prepared folders (replaces dir)
   allow_data_change: bool = False  # let --resume continue on data other than the checkpoint's
+  # More validation sets, NAME:DIR,NAME:DIR,...: the validation split of each prepared folder (same
+  # tokenizer), evaluated beside the run's own at each evaluation and reported as NAME/loss; a
+  # mixture's folders are reported one by one too, each by its folder's name.
+  eval_sets: str = ""
   # Documents in packed windows (gptjax.model.documents), in training and evaluation: a position
   # attends only within its own document. auto: where the tokenizer marks documents (a
   # beginning-of-sequence or end-of-text token: GPT-2's, Llama's; the char tokenizer has none).
@@ -136,6 +140,15 @@ class DataConfig:
   # for a mixture. A resumed run keeps its checkpoint's order.
   order: str = "auto"
   document_positions: bool = False  # with the mask: positions (learned or rotary) restart at each document
+
+  @property
+  def eval_set_dirs(self) -> dict[str, str] | None:
+    """{name: folder} of data.eval_sets, in its order; None when it is malformed."""
+    parts = [part.partition(":") for part in self.eval_sets.split(",")] if self.eval_sets else []
+    named = {name: folder for name, _, folder in parts}
+    valid = all(re.fullmatch(r"[A-Za-z0-9_.-]+", name) and folder and name not in ("train", "val")
+                for name, _, folder in parts)
+    return named if valid and len(named) == len(parts) else None
 
   @property
   def window_order(self) -> str:
@@ -224,6 +237,9 @@ class TrainConfig:
   profile: str = ""  # START:END: a jax.profiler trace of the steps after START up to END, in out_dir/profile
   tensorboard: bool = True  # TensorBoard event files in out_dir/tensorboard
   wandb_project: str = ""  # also log to this Weights & Biases project (the wandb extra); empty: off
+  # Which validation loss ranks the checkpoints (the best is kept): val (the run's own split), or
+  # the NAME of one of data.eval_sets.
+  best_of: str = "val"
   sample_tokens: int = 200  # at each evaluation, a sample this long goes to TensorBoard / W&B; 0: none
   sample_prompt: str = ""  # ... continuing this text (empty: from end-of-text, or a character model's first character)
 
@@ -350,6 +366,11 @@ def validate(cfg: Config) -> Config:
   """Checks that types alone cannot express."""
   m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.distributed
   checks = [
+      (not cfg.data.eval_sets or cfg.data.eval_set_dirs,
+       f"data.eval_sets={cfg.data.eval_sets!r} is not NAME:DIR,NAME:DIR,... with distinct names of letters, digits, "
+       "'_', '-' or '.' (not train or val)"),
+      (t.best_of == "val" or t.best_of in (cfg.data.eval_set_dirs or {}),
+       f"train.best_of={t.best_of!r} is not val or a name in data.eval_sets"),
       (cfg.data.order in ("auto", "shuffled", "random"), f"data.order={cfg.data.order!r} is not auto, shuffled or random"),
       (cfg.data.order != "shuffled" or not cfg.data.mixture,
        "data.order=shuffled walks one folder; a data.mixture draws at random (data.order=random or auto)"),

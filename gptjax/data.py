@@ -115,23 +115,36 @@ class Prepared:
   splits: dict[str, list[np.ndarray]]  # "train" and "val": one token array per folder
   weights: tuple[float, ...]
   fingerprint: str | None
+  eval_sets: dict[str, np.ndarray]  # more validation sets by name: data.eval_sets, a mixture's folders
 
 
 def load_prepared(cfg: config_lib.DataConfig) -> Prepared:
   folders = cfg.mixture_weights or {cfg.dir: 1.0}
-  metas = {folder: load_meta(folder) for folder in folders}
+  named = cfg.eval_set_dirs or {}
+  metas = {folder: load_meta(folder) for folder in [*folders, *named.values()]}
   first, meta = next(iter(metas.items()))
   for folder, other in metas.items():
     if other["tokenizer"] != meta["tokenizer"]:
-      raise UserError(f"data.mixture: {folder} was prepared with another tokenizer than {first}")
+      setting = "data.mixture" if folder in folders else "data.eval_sets"
+      raise UserError(f"{setting}: {folder} was prepared with another tokenizer than {first}")
   splits = {split: [load_tokens(folder, split) for folder in folders] for split in ("train", "val")}
+  eval_sets = {_component_name(folder, list(folders)): tokens for folder, tokens in zip(folders, splits["val"])} \
+      if len(folders) > 1 else {}
+  eval_sets |= {name: load_tokens(folder, "val") for name, folder in named.items()}
   weights = tuple(w / sum(folders.values()) for w in folders.values())
   fingerprints = [other.get("fingerprint") for other in metas.values()]
   if len(folders) == 1 or None in fingerprints:
     fingerprint = fingerprints[0] if len(folders) == 1 else None
   else:
     fingerprint = hashlib.blake2b(json.dumps([fingerprints, weights]).encode(), digest_size=16).hexdigest()
-  return Prepared(meta, splits, weights, fingerprint)
+  return Prepared(meta, splits, weights, fingerprint, eval_sets)
+
+
+def _component_name(folder: str, folders: list[str]) -> str:
+  """A mixture folder's name in reports: its last path part, or its place where two share one."""
+  names = [pathlib.Path(f).name for f in folders]
+  name = pathlib.Path(folder).name
+  return name if names.count(name) == 1 else f"mixture_{folders.index(folder)}"
 
 
 class TokenBatches:

@@ -80,7 +80,8 @@ class LogMetrics:
 
 
 class Evaluate:
-  """The mean loss of `eval_iters` fixed batches of each split; `latest` keeps the last result."""
+  """The mean loss of `eval_iters` fixed batches of each split and further validation set
+  (data.eval_sets, a mixture's folders); `latest` keeps the last result."""
 
   def __init__(self, estimate: Callable[[dict], dict], log: Callable[[str], None],
                throughput: metrics_lib.Throughput, run_record: record.Record | None):
@@ -89,14 +90,20 @@ class Evaluate:
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict | None = None) -> None:
     self.report(step, state)
-    if self.record is not None:
-      self.record.write("eval", step, {"train_loss": self.latest["train_loss"], "val_loss": self.latest["val_loss"]})
+    if self.record is not None:  # eval/train_loss, eval/val_loss, eval/NAME/loss
+      self.record.write("eval", step, {key: value for key, value in self.latest.items() if key != "step"})
     self.throughput.reset(step)
 
   def report(self, step: int, state: TrainState) -> None:
     """Evaluates and logs, without recording (a finished run's losses, recorded when it ran)."""
     self.latest = {"step": step, **self.estimate(state.params)}
-    self.log(f"step {step}: train loss {self.latest['train_loss']:.4f}, val loss {self.latest['val_loss']:.4f}")
+    named = "".join(f", {key.removesuffix('/loss')} loss {value:.4f}" for key, value in self.latest.items()
+                    if key.endswith("/loss"))
+    self.log(f"step {step}: train loss {self.latest['train_loss']:.4f}, val loss {self.latest['val_loss']:.4f}{named}")
+
+  def ranking_loss(self, best_of: str) -> float:
+    """The latest loss that ranks checkpoints (train.best_of): val, or a named validation set's."""
+    return self.latest["val_loss" if best_of == "val" else f"{best_of}/loss"]
 
 
 def sample_prompt_ids(tok, prompt: str) -> list[int]:
@@ -139,8 +146,8 @@ class PlotLoss:
 
 
 class SaveCheckpoint:
-  """An asynchronous checkpoint with this step's validation loss (to keep the best), evaluated
-  first; `save_now` saves at once, without it. A save that fails, now or in the background, stops
+  """An asynchronous checkpoint with this step's validation loss (to keep the best: train.best_of's),
+  evaluated first; `save_now` saves at once, without it. A save that fails, now or in the background, stops
   the run with one line (`check` each step)."""
 
   def __init__(self, manager, evaluation: Evaluate, batches: data.TokenBatches, cfg: Config,
@@ -159,7 +166,7 @@ class SaveCheckpoint:
     """The step a run resumes from, if it was saved unranked: evaluated now, its loss recorded."""
     if checkpoint.unranked(self.manager, step):
       self.evaluation(step, state)
-      checkpoint.rank(self.manager, step, self.evaluation.latest["val_loss"])
+      checkpoint.rank(self.manager, step, self.evaluation.ranking_loss(self.cfg.train.best_of))
 
   def save_now(self, step: int, state: TrainState) -> None:
     """Saves without evaluating (a preemption gives seconds): with this step's validation loss if it
@@ -170,7 +177,8 @@ class SaveCheckpoint:
     with checkpoint.failed_saves_stop(self.manager, step):
       checkpoint.save(self.manager, step, params=state.params, opt_state=state.opt_state,
                       progress={"step": step, "data": self.batches.state()}, config=self.cfg,
-                      tokenizer=self.tokenizer, val_loss=self.evaluation.latest["val_loss"] if evaluated else None)
+                      tokenizer=self.tokenizer,
+                      val_loss=self.evaluation.ranking_loss(self.cfg.train.best_of) if evaluated else None)
     self.throughput.reset(step)
 
   def check(self, *unused) -> None:

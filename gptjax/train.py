@@ -121,13 +121,18 @@ def initial_state(cfg: config_lib.Config, steps: steps_lib.Steps, tx, manager, r
   return steps_lib.init_state(cfg.model, tx, steps.shardings, cfg.train.seed)
 
 
-def _loss_estimator(steps: steps_lib.Steps, splits: dict, batch_args: dict, mesh, t: config_lib.TrainConfig):
-  """params -> {"train_loss", "val_loss"}: the mean loss of `t.eval_iters` fixed batches of each split."""
+def _loss_estimator(steps: steps_lib.Steps, prepared: data.Prepared, batch_args: dict, mesh, t: config_lib.TrainConfig):
+  """params -> {"train_loss", "val_loss", "NAME/loss" for each further validation set}: the mean
+  loss of `t.eval_iters` fixed batches (random windows) of each."""
+  sets = {"train_loss": prepared.splits["train"], "val_loss": prepared.splits["val"],
+          **{f"{name}/loss": tokens for name, tokens in prepared.eval_sets.items()}}
+  single = {**batch_args, "weights": (1.0,)}
+
   def estimate(params) -> dict:
     losses = {}
-    for split, seed in (("train", t.seed + 1), ("val", t.seed + 2)):
-      batches = data.TokenBatches(splits[split], seed=seed, **batch_args)
-      losses[f"{split}_loss"] = float(np.mean(jax.device_get(
+    for n, (key, tokens) in enumerate(sets.items()):
+      batches = data.TokenBatches(tokens, seed=t.seed + 1 + n, **(batch_args if isinstance(tokens, list) else single))
+      losses[key] = float(np.mean(jax.device_get(
           [steps.eval(params, *(sharding.put_batch(a, mesh) for a in batches.batch(i))) for i in range(t.eval_iters)])))
     return losses
   return estimate
@@ -183,6 +188,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   train_batches = data.TokenBatches(splits["train"], accum_steps=accum_steps, seed=t.seed, order=cfg.data.window_order,
                                     fingerprint=prepared.fingerprint, name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
+  for name, tokens in prepared.eval_sets.items():
+    data.TokenBatches(tokens, name=f"{name} validation", **{**batch_args, "weights": (1.0,)})
   train_batches.batch(0)  # drawn (and its token ids checked) before anything is written
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
   tok = tokenizer_lib.from_meta(meta["tokenizer"])
@@ -215,7 +222,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     if run_record is not None and start_step < t.max_iters:
       sizes = metrics.memory_per_device(steps.abstract, steps.shardings, steps.train)
       run_record.write("memory", start_step, {f"{name.replace(' ', '_')}_mib": size / 2**20 for name, size in sizes.items()})
-    evaluation = hooks.Evaluate(_loss_estimator(steps, splits, batch_args, mesh, t), log, throughput, run_record)
+    evaluation = hooks.Evaluate(_loss_estimator(steps, prepared, batch_args, mesh, t), log, throughput, run_record)
     save = hooks.SaveCheckpoint(manager, evaluation, train_batches, cfg, meta["tokenizer"], throughput)
     on_signal = hooks.SaveOnSignal(save, resume_hint)
     profiler = profile.Profile(t.out_dir, *(t.profile_steps or (-1, -1)), log, steps.train.as_text() if t.profile else "")

@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
+from gptjax import checkpoint
 from gptjax import plots
+from gptjax import prepare
 from gptjax import record
+from gptjax import sources
 from gptjax import train
 
 from conftest import tiny_config
@@ -91,3 +94,22 @@ def test_weights_and_biases_gets_the_same_values_offline(tmp_path, char_data, mo
     for value in rows_of(out, kind, name).values():
       assert f"{kind}/{name}".encode() in logged and json.dumps(value).encode() in logged
   assert b"sample" in logged
+
+
+def test_named_eval_sets_and_a_mixtures_folders_are_reported_and_one_ranks_the_checkpoints(tmp_path, char_data, capsys):
+  other = tmp_path / "other"
+  prepare.prepare(sources.BUILTIN_SHAKESPEARE, "char", str(other), val_fraction=0.2)  # the same characters
+  cfg = tiny_config(tmp_path, f"data.mixture={char_data}:1,{other}:1", f"data.eval_sets=again:{other}",
+                    "train.best_of=again")
+  result, _ = train.train(cfg, progress_bar=False, devices=jax.devices()[:1])
+  out = tmp_path / "out"
+  names = [char_data.name, "other", "again"]  # the mixture's two folders, then the named set
+  events = tensorboard_events(out)
+  for name in names:
+    logged = rows_of(out, "eval", f"{name}/loss")
+    assert sorted(logged) == [15, 30] and result[f"{name}/loss"] == logged[30]
+    assert scalars(events, f"eval/{name}/loss") == {s: np.float32(v) for s, v in logged.items()}
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 30: train loss")]
+  assert lines and all(f", {name} loss " in lines[0] for name in names)
+  again = rows_of(out, "eval", "again/loss")
+  assert checkpoint.open_manager(str(out), create=False).best_step() == min(again, key=again.get)
