@@ -3,9 +3,10 @@ runs) from two or more source trees side by side: tokens/s as the run logs it.
 
     python benchmarks/demo_speed.py --trees /tmp/old .          # e.g. a worktree of an older commit
     python benchmarks/demo_speed.py --trees . --steps 60 --rounds 1
+    python benchmarks/demo_speed.py --variants "" "optim.name=muon" "data.order=random" --data out/recipe/bpe
 
-Each run is a separate process with its compilation cache off; the trees alternate within every
-round. A run's figure is the median of its log lines' tokens/s (over `train.log_interval=20`
+Each run is a separate process with its compilation cache off; the trees (and, on each, the
+`--variants`: overrides, "" for none) alternate within every round. A run's figure is the median of its log lines' tokens/s (over `train.log_interval=20`
 steps), the first left out; the table gives the median over rounds and each round's ratio to the
 first tree.
 """
@@ -22,13 +23,14 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _tokens_per_s(tree: pathlib.Path, data: pathlib.Path, out: pathlib.Path, steps: int) -> float:
+def _tokens_per_s(tree: pathlib.Path, data: pathlib.Path, out: pathlib.Path, steps: int, variant: str) -> float:
   env = {**os.environ, "PYTHONPATH": str(tree), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": ""}
   env.pop("XLA_FLAGS", None)
   run = subprocess.run([sys.executable, "-m", "gptjax.cli", "train", "shakespeare_char_cpu", f"data.dir={data}",
                         f"train.out_dir={out}", f"train.max_iters={steps}", "train.log_interval=20",
                         "train.eval_interval=100000", "train.checkpoint_interval=100000", "train.eval_iters=2",
-                        "train.sample_tokens=0", "--no-progress"], capture_output=True, text=True, env=env, cwd=tree)
+                        "train.sample_tokens=0", *variant.split(), "--no-progress"], capture_output=True, text=True,
+                       env=env, cwd=tree)
   if run.returncode:
     raise SystemExit(f"{tree}: {run.stderr[-2000:]}")
   rates = [float(m.replace(",", "")) for m in re.findall(r"([\d,.]+) tokens/s", run.stdout)]
@@ -40,22 +42,27 @@ def main() -> None:
   parser.add_argument("--trees", nargs="+", default=[str(ROOT)])
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--variants", nargs="+", default=[""], help="overrides per variant ('' for none)")
+  parser.add_argument("--data", default=None, help="a prepared folder (default: the built-in Shakespeare, characters)")
   args = parser.parse_args()
   trees = [pathlib.Path(t).resolve() for t in args.trees]
+  runs = [(tree, variant) for tree in trees for variant in args.variants]
   with tempfile.TemporaryDirectory() as tmp:
-    data = pathlib.Path(tmp) / "data"
-    subprocess.run([sys.executable, "-m", "gptjax.cli", "prepare", "--input", "builtin:shakespeare", "--tokenizer",
-                    "char", "--out", str(data)], check=True, capture_output=True, cwd=trees[0],
-                   env={**os.environ, "PYTHONPATH": str(trees[0])})
-    rates = {tree: [] for tree in trees}
+    data = pathlib.Path(args.data).resolve() if args.data else pathlib.Path(tmp) / "data"
+    if not args.data:
+      subprocess.run([sys.executable, "-m", "gptjax.cli", "prepare", "--input", "builtin:shakespeare", "--tokenizer",
+                      "char", "--out", str(data)], check=True, capture_output=True, cwd=trees[0],
+                     env={**os.environ, "PYTHONPATH": str(trees[0])})
+    rates = {run: [] for run in runs}
     for round_ in range(args.rounds):
-      for i, tree in enumerate(trees):
-        rates[tree].append(_tokens_per_s(tree, data, pathlib.Path(tmp) / f"out-{round_}-{i}", args.steps))
-  print("| tree | tokens/s (median) | ratio to the first (per round) |")
-  print("|---|---|---|")
-  for tree in trees:
-    ratios = [r / f for r, f in zip(rates[tree], rates[trees[0]])]
-    print(f"| {tree} | {statistics.median(rates[tree]):,.0f} | {statistics.median(ratios):.2f} "
+      for i, (tree, variant) in enumerate(runs):
+        rates[(tree, variant)].append(_tokens_per_s(tree, data, pathlib.Path(tmp) / f"out-{round_}-{i}", args.steps,
+                                                    variant))
+  print("| tree | variant | tokens/s (median) | ratio to the first (per round) |")
+  print("|---|---|---|---|")
+  for run in runs:
+    ratios = [r / f for r, f in zip(rates[run], rates[runs[0]])]
+    print(f"| {run[0]} | {run[1] or '-'} | {statistics.median(rates[run]):,.0f} | {statistics.median(ratios):.2f} "
           f"({', '.join(f'{r:.2f}' for r in ratios)}) |")
 
 

@@ -115,3 +115,26 @@ def test_startup_measures_a_cold_and_a_warm_start():
 def test_loss_memory_reports_the_chunked_steps_temporaries():
   output = run_benchmark("loss_memory.py", "--config", "llama_shakespeare_cpu", "--vocab", "77")
   assert len(table_rows(output, "model.loss_chunk")) == 3, output
+
+
+def test_data_order_prints_each_loader():
+  output = run_benchmark("data_order.py", "--tiny")
+  rows = table_rows(output, "gptjax ")
+  assert [row[0] for row in rows] == ["gptjax shuffled", "gptjax random"]
+  assert all(float(row[2].replace(",", "")) > 0 for row in rows)
+
+
+@pytest.mark.slow  # 40 s: four train steps compiled for 8 devices
+def test_optimizer_cost_prints_each_optimizer():
+  output = run_benchmark("optimizer_cost.py", "--tiny")
+  rows = table_rows(output, "")[1:]
+  assert [row[0] for row in rows] == ["adamw", "muon", "lion", "adafactor"] and rows[0][2] == "1.000"
+
+
+@pytest.mark.slow  # 60 s: four 20-step sweeps
+def test_recipe_prints_a_row_per_change(tmp_path):
+  output = run_benchmark("recipe.py", "--tiny", "--work", tmp_path)
+  rows = table_rows(output, "")[1:]
+  assert [row[0] for row in rows] == ["AdamW + cosine (the baseline)", "AdamW + WSD", "Muon + WSD",
+                                      "random windows (nanoGPT's order)"]
+  assert all(row[1] == "char" and "±" in row[2] for row in rows)
