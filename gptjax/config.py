@@ -139,6 +139,11 @@ class DataConfig:
   # and what runs saved before this setting resume with), or auto: shuffled for one folder, random
   # for a mixture. A resumed run keeps its checkpoint's order.
   order: str = "auto"
+  # Where windows start: anywhere (none), or at documents (document): a window moves forward to the
+  # first document start in its first block_size tokens, where there is one (Llama's way: each
+  # sequence opens with its beginning-of-sequence token; a document longer than a window continues
+  # in windows that do not). Needs a tokenizer that marks documents, as data.document_mask does.
+  align: str = "none"
   document_positions: bool = False  # with the mask: positions (learned or rotary) restart at each document
 
   @property
@@ -374,6 +379,7 @@ def validate(cfg: Config) -> Config:
       (cfg.data.order in ("auto", "shuffled", "random"), f"data.order={cfg.data.order!r} is not auto, shuffled or random"),
       (cfg.data.order != "shuffled" or not cfg.data.mixture,
        "data.order=shuffled walks one folder; a data.mixture draws at random (data.order=random or auto)"),
+      (cfg.data.align in ("none", "document"), f"data.align={cfg.data.align!r} is not none or document"),
       (str(cfg.data.document_mask).lower() in ("auto", "true", "false"),
        f"data.document_mask={cfg.data.document_mask!r} is not auto, true or false"),
       (not cfg.data.mixture or cfg.data.mixture_weights,

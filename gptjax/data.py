@@ -7,7 +7,8 @@ A run reads one such folder (data.dir) or a weighted mixture of several (data.mi
 `TokenBatches` makes the windows in one of two orders (data.order): `shuffled` walks the corpus as
 epochs of non-overlapping windows, each epoch in its own permutation (a function of seed and
 epoch, computed for the indices asked and never held: `permute`); `random` draws windows at
-random places, with replacement (nanoGPT's way, and a mixture's). Either way batch i depends only
+random places, with replacement (nanoGPT's way, and a mixture's); with data.align=document a window
+moves forward to the first document start in its first block. Either way batch i depends only
 on (seed, i), so the iterator's state is a step counter that the checkpoint stores, with the
 data's fingerprint: a resumed run continues the very same stream, and refuses other data.
 """
@@ -66,10 +67,26 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
   return tokens
 
 
+def opening_token(tokenizer) -> int | None:
+  """The token that opens each document: the tokenizer's beginning-of-sequence token, else its
+  end-of-text (written between documents); None where it has neither (characters)."""
+  return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
+
+
+def align_token(cfg: config_lib.DataConfig, tokenizer) -> int | None:
+  """The token windows start at (data.align=document), or None (windows start anywhere)."""
+  if cfg.align == "none":
+    return None
+  if (start := opening_token(tokenizer)) is None:
+    raise UserError("data.align=document needs a tokenizer that marks documents (end-of-text or "
+                    "beginning-of-sequence); this data's marks none")
+  return start
+
+
 def document_start(cfg: config_lib.DataConfig, tokenizer) -> int | None:
-  """The token that opens each document, for document masking (data.document_mask): the
-  tokenizer's beginning-of-sequence token, else its end-of-text; None: no masking."""
-  start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
+  """The token that opens each document, for document masking (data.document_mask); None: no
+  masking."""
+  start = opening_token(tokenizer)
   setting = str(cfg.document_mask).lower()
   if setting == "true" and start is None:
     raise UserError("data.document_mask=true needs a tokenizer that marks documents (end-of-text or "
@@ -153,13 +170,14 @@ class TokenBatches:
   `tokens` is one token array, or several with `weights`: each sequence comes from one of them,
   drawn with those weights. `batch_size` counts sequences over all processes; each process
   materialises only its own rows. `order`: shuffled (epochs of the windows that start every
-  `block_size` tokens, each window once per epoch; one array only) or random.
+  `block_size` tokens, each window once per epoch; one array only) or random. `align_to`: a token
+  id; a window moves forward to the first of these in its first `block_size` tokens, if any.
   """
 
   def __init__(self, tokens: np.ndarray | list[np.ndarray], *, batch_size: int, block_size: int,
                accum_steps: int = 1, seed: int = 0, step: int = 0, process_index: int = 0, process_count: int = 1,
                weights: tuple[float, ...] = (1.0,), fingerprint: str | None = None, name: str = "data",
-               vocab_size: int | None = None, order: str = "random"):
+               vocab_size: int | None = None, order: str = "random", align_to: int | None = None):
     self.sources = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
     for source in self.sources:
       if len(source) < block_size + 1:
@@ -174,7 +192,7 @@ class TokenBatches:
     self.rows = slice(process_index * local, (process_index + 1) * local)
     if order == "shuffled" and len(self.sources) > 1:
       raise UserError("data.order=shuffled walks one folder; a data.mixture draws at random (data.order=random)")
-    self.order = order
+    self.order, self.align_to = order, align_to
     self.windows_per_epoch = (len(self.sources[0]) - 1) // block_size  # shuffled: starts 0, T, 2T, ...
 
   def epoch(self, step: int) -> float:
@@ -190,21 +208,32 @@ class TokenBatches:
       windows_index = np.empty_like(numbers)
       for epoch in np.unique(epochs):  # a step spans at most two epochs (or more, on a tiny corpus)
         windows_index[epochs == epoch] = permute(places[epochs == epoch], self.windows_per_epoch, self.seed, int(epoch))
-      windows = self.sources[0][windows_index[..., None] * self.block_size + offsets]
+      tokens = self.sources[0]
+      windows = tokens[self._aligned(tokens, windows_index * self.block_size)[..., None] + offsets]
       return self._checked(windows, step)
     rng = np.random.default_rng((self.seed, step))
     if len(self.sources) == 1:  # the draw of a single folder is unchanged: older runs resume exactly
       tokens = self.sources[0]
       starts = rng.integers(0, len(tokens) - self.block_size, size=self.shape)[:, self.rows]
-      windows = tokens[starts[..., None] + offsets]
+      windows = tokens[self._aligned(tokens, starts)[..., None] + offsets]
     else:  # a source per sequence, then a place in it
       which = rng.choice(len(self.sources), size=self.shape, p=self.weights)[:, self.rows]
       place = rng.random(self.shape)[:, self.rows]
       windows = np.empty(which.shape + offsets.shape, np.int64)
       for k, tokens in enumerate(self.sources):
         starts = (place[which == k] * (len(tokens) - self.block_size)).astype(np.int64)
-        windows[which == k] = tokens[starts[:, None] + offsets]
+        windows[which == k] = tokens[self._aligned(tokens, starts)[:, None] + offsets]
     return self._checked(windows, step)
+
+  def _aligned(self, tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """`starts` moved forward to the first `align_to` token in the block after each (unmoved where
+    there is none, or where the moved window would run past the end)."""
+    if self.align_to is None:
+      return starts
+    block = tokens[np.minimum(starts[..., None] + np.arange(self.block_size), len(tokens) - 1)]
+    opens = block == self.align_to
+    moved = starts + np.where(opens.any(axis=-1), opens.argmax(axis=-1), 0)
+    return np.where(moved <= len(tokens) - self.block_size - 1, moved, starts)
 
   def _checked(self, windows: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
     if self.vocab_size is not None and windows.size and (largest := int(windows.max())) >= self.vocab_size:

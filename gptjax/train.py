@@ -86,7 +86,8 @@ def resolve_run(cfg: config_lib.Config, manager, resume: bool, meta: dict) -> tu
       raise UserError(f"{t.out_dir} was trained with optim.name={saved_cfg.optim.name}, not {cfg.optim.name}: its "
                       f"optimizer state is {saved_cfg.optim.name}'s; resume with optim.name={saved_cfg.optim.name}, "
                       f"or fine-tune with train.init_from={t.out_dir} and a new train.out_dir")
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, order=saved_cfg.data.order))  # the same stream
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, order=saved_cfg.data.order,
+                                                            align=saved_cfg.data.align))  # the same stream
     if _how_computed_aside(saved_cfg.model) != _how_computed_aside(cfg.model):
       raise UserError(f"the model config differs from the checkpoint's in {t.out_dir}; saved: {saved_cfg.model}")
     return cfg, latest, None
@@ -158,10 +159,11 @@ def _documents_line(cfg: config_lib.DataConfig, tok, start: int | None) -> str:
 
 
 def _order_line(batches: data.TokenBatches, max_iters: int) -> str:
+  aligned = "" if batches.align_to is None else f", each moved to the first document start in its block (data.align=document)"
   if batches.order == "random":
-    return "data: windows drawn at random places, with replacement (data.order=random)"
+    return f"data: windows drawn at random places, with replacement (data.order=random){aligned}"
   return (f"data: shuffled epochs of {batches.windows_per_epoch:,} windows; {max_iters} steps are "
-          f"{batches.epoch(max_iters):.2f} epochs (data.order=shuffled)")
+          f"{batches.epoch(max_iters):.2f} epochs (data.order=shuffled){aligned}")
 
 
 def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = True,
@@ -185,14 +187,15 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                     vocab_size=meta["vocab_size"],
                     process_index=jax.process_index(), process_count=jax.process_count())
   splits = prepared.splits
+  tok = tokenizer_lib.from_meta(meta["tokenizer"])
   train_batches = data.TokenBatches(splits["train"], accum_steps=accum_steps, seed=t.seed, order=cfg.data.window_order,
-                                    fingerprint=prepared.fingerprint, name="train", **batch_args)
+                                    align_to=data.align_token(cfg.data, tok), fingerprint=prepared.fingerprint,
+                                    name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
   for name, tokens in prepared.eval_sets.items():
     data.TokenBatches(tokens, name=f"{name} validation", **{**batch_args, "weights": (1.0,)})
   train_batches.batch(0)  # drawn (and its token ids checked) before anything is written
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
-  tok = tokenizer_lib.from_meta(meta["tokenizer"])
   document_start = data.document_start(cfg.data, tok)
   sample_prompt = hooks.sample_prompt_ids(tok, t.sample_prompt)  # checked before anything is written
   checkpoint.create_dir(t.out_dir, _checkpoint_bytes(cfg.model, tx))  # once the run is known sound: bad input writes nothing

@@ -137,4 +137,4 @@ def test_recipe_prints_a_row_per_change(tmp_path):
   rows = table_rows(output, "")[1:]
   assert [row[0] for row in rows] == ["AdamW + cosine (the baseline)", "AdamW + WSD", "Muon + WSD",
                                       "random windows (nanoGPT's order)"]
-  assert all(row[1] == "char" and "±" in row[2] for row in rows)
+  assert all(row[1] == "char" and "±" in row[2] and "±" in row[3] for row in rows)

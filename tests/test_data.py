@@ -202,3 +202,28 @@ def test_a_config_saved_before_data_order_reads_as_random_and_new_ones_shuffle_o
   assert config_lib.from_dict(saved).data.window_order == "random"
   assert config_lib.load_config("shakespeare_char_cpu").data.window_order == "shuffled"
   assert config_lib.load_config(None, ["data.mixture=a:1,b:1"]).data.window_order == "random"
+
+
+@pytest.mark.parametrize("order", ["shuffled", "random"])
+def test_aligned_windows_start_at_the_first_document_start_in_their_block(order):
+  """Documents opened by token 0 every 5 to 40 tokens, with one 100 long (and a last one longer
+  than a window: no window moves past the end): every window that holds a start in its first 16
+  tokens begins with it; one inside the long document does not move."""
+  rng = np.random.default_rng(0)
+  lengths = [*rng.integers(5, 40, size=60), 100, *rng.integers(5, 40, size=60), 20]
+  tokens = np.concatenate([np.concatenate([[0], rng.integers(1, 50, size=n - 1)]) for n in lengths]).astype(np.uint16)
+  kwargs = dict(batch_size=32, block_size=16, seed=2, order=order)
+  plain, aligned = (data.TokenBatches(tokens, **kwargs, align_to=a) for a in (None, 0))
+  moved = 0
+  for step in range(20):
+    (before,), (after,) = plain.batch(step)[0], aligned.batch(step)[0]
+    for was, now in zip(before, after):
+      if 0 in was:
+        assert now[0] == 0
+        moved += was[0] != 0
+      else:
+        np.testing.assert_array_equal(now, was)  # no start in its block: the window stays
+  assert moved > 100
+  long_start = sum(lengths[:60])
+  starts = np.arange(long_start + 1, long_start + 100 - 16)
+  np.testing.assert_array_equal(aligned._aligned(tokens, starts), starts)

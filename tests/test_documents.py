@@ -47,12 +47,20 @@ def test_split_counts_documents_and_their_positions():
 
 
 def _documents_alone(cfg, params, inputs_BT, targets_BT) -> np.ndarray:
-  """Each row's per-position losses, each document run through the model on its own."""
-  nll = np.zeros(inputs_BT.shape, np.float32)
+  """Each row's per-position losses, each document run through the model as a sequence of its
+  own: one row per document, from position 0, padded after its end (which causal attention never
+  lets it see)."""
+  pieces = []  # (row, start, end)
   for b, row in enumerate(inputs_BT):
     bounds = [0, *[t for t in range(1, len(row)) if row[t] == START], len(row)]
-    for start, end in zip(bounds[:-1], bounds[1:]):
-      nll[b, start:end] = model_lib.bind(cfg, params).nll(row[None, start:end], targets_BT[None, b, start:end])[0]
+    pieces += [(b, start, end) for start, end in zip(bounds[:-1], bounds[1:])]
+  alone_inputs, alone_targets = (np.zeros((len(pieces), inputs_BT.shape[1]), np.int32) for _ in range(2))
+  for i, (b, start, end) in enumerate(pieces):
+    alone_inputs[i, :end - start], alone_targets[i, :end - start] = inputs_BT[b, start:end], targets_BT[b, start:end]
+  alone = jax.jit(lambda p, x, y: model_lib.bind(cfg, p).nll(x, y))(params, alone_inputs, alone_targets)
+  nll = np.zeros(inputs_BT.shape, np.float32)
+  for i, (b, start, end) in enumerate(pieces):
+    nll[b, start:end] = alone[i, :end - start]
   return nll
 
 
@@ -122,3 +130,20 @@ def test_the_document_start_token_by_tokenizer_and_setting():
     data.document_start(dataclasses.replace(auto, document_mask="true"), char)
   with pytest.raises(UserError, match="data.document_positions=true needs the document mask"):
     data.document_start(dataclasses.replace(auto, document_mask="false", document_positions=True), gpt2)
+
+
+def test_a_run_on_documents_says_it_masks_and_aligns_them(tmp_path, capsys):
+  from conftest import tiny_config  # noqa: PLC0415
+  from gptjax import prepare, sources, train  # noqa: PLC0415
+  text = sources.read_text(sources.BUILTIN_SHAKESPEARE)
+  (tmp_path / "docs").mkdir()
+  for i in range(12):  # twelve documents of 2,000 characters
+    (tmp_path / "docs" / f"{i:02d}.txt").write_text(text[i * 2000:(i + 1) * 2000])
+  prepare.prepare(str(tmp_path / "docs"), "gpt2", str(tmp_path / "data"))
+  cfg = tiny_config(tmp_path, f"data.dir={tmp_path / 'data'}", "data.align=document", "data.document_positions=true",
+                    "train.max_iters=4", "train.eval_interval=4", "train.checkpoint_interval=4", "train.log_interval=2")
+  result, _ = train.train(cfg, progress_bar=False, devices=jax.devices()[:1])
+  assert result["step"] == 4 and np.isfinite(result["val_loss"])
+  out = capsys.readouterr().out
+  assert "documents: masked, each opened by token 50256 ('<|endoftext|>'), positions counted from each document's start" in out
+  assert "(data.order=shuffled), each moved to the first document start in its block (data.align=document)" in out
