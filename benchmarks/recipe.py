@@ -68,6 +68,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=2000)
   parser.add_argument("--seeds", type=int, default=2)
   parser.add_argument("--corpora", default="char,bpe")
+  parser.add_argument("--rows", default="", help="only the rows whose names start with these (comma-separated)")
   parser.add_argument("--tiny", action="store_true", help="20 steps, one seed, the character corpus")
   args = parser.parse_args()
   steps, seeds, corpora = (20, 1, ["char"]) if args.tiny else (args.steps, args.seeds, args.corpora.split(","))
@@ -81,7 +82,10 @@ def main() -> None:
   per_run = [f"train.max_iters={steps}", f"optim.lr_decay_iters={steps}", f"train.eval_interval={max(steps // 4, 1)}",
              f"train.checkpoint_interval={max(steps // 4, 1)}", *(["train.eval_iters=2", "optim.warmup_iters=5"] if args.tiny else [])]
   table = {}
+  wanted = [prefix for prefix in args.rows.split(",") if prefix]
   for name, (overrides, applies) in ROWS.items():
+    if wanted and not any(name.startswith(prefix) for prefix in wanted):
+      continue
     for corpus in corpora:
       if corpus not in applies:
         continue
