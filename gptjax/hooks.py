@@ -58,6 +58,7 @@ class LogMetrics:
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
     values = jax.device_get(step_metrics)  # waits for the step: the timing below is honest
     tokens_per_s, mfu = self.throughput.measure(step)
+    param_norms = metrics_lib.param_norms(state.params)  # on every process: a program over the whole mesh
     skipped = f", skipped {values['skipped']} non-finite steps so far" if values["skipped"] else ""
     z_loss = f", z-loss {values['z_loss']:.2e}" if "z_loss" in values else ""
     self.log(f"step {step}: loss {values['loss']:.4f}{z_loss}, lr {values['lr']:.2e}, grad norm "
@@ -70,8 +71,9 @@ class LogMetrics:
           "lr": float(values["lr"]), "grad_norm": float(values["grad_norm"]),
           "tokens_per_s": tokens_per_s, **({} if mfu is None else {"mfu": mfu}),
           "skipped_steps": int(values["skipped"])})
+      norms = {"grad": values["grad_norms"], "param": jax.device_get(param_norms)}
       self.record.write("norms", step, {f"{kind}/{group}": float(norm) for kind in ("grad", "param")  # norms/grad/layer_03
-                                        for group, norm in values[f"{kind}_norms"].items()})
+                                        for group, norm in norms[kind].items()})
       self.record.write("memory", step, metrics_lib.memory_in_use())
     if values["bad_steps"] >= self.max_bad_steps:
       raise UserError(f"the loss or gradients were not finite for {values['bad_steps']} steps in a row, from step "

@@ -39,6 +39,10 @@ def norms_by_group(tree: dict) -> dict:
   return {name: jnp.sqrt(square) for name, square in squares.items()}
 
 
+# The parameters' norms, computed at log steps only (the train step returns the gradients' own).
+param_norms = jax.jit(norms_by_group)
+
+
 def peak_flops(device_kind: str) -> float:
   """The table's peak for a device kind, matched exactly; 0 if it is not in the table."""
   return PEAK_FLOPS.get(device_kind, 0.0)
