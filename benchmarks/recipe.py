@@ -26,6 +26,8 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from gptjax import record  # noqa: E402
 ROWS = {  # name: (overrides, corpora it applies to)
     "AdamW + cosine (the baseline)": ([], ("char", "bpe")),
     "AdamW + WSD": (["optim.schedule=wsd"], ("char", "bpe")),
@@ -48,8 +50,7 @@ def _row(out: pathlib.Path, env) -> dict:
     variant = next(csv.DictReader(f))
   walls, nlls = [], []
   for run in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").is_file()):
-    times = [float(line.split('"time": ')[1].split(",")[0].rstrip("}")) for line in
-             (run / "metrics.jsonl").read_text().splitlines() if '"time": ' in line]
+    times = [row["time"] for row in record.read_rows(str(run))]
     walls.append(times[-1] - times[0])
     scored = subprocess.run([sys.executable, "-m", "gptjax.cli", "perplexity", "--checkpoint", str(run), "--step",
                              "latest", "--split", "val"], check=True, env=env, cwd=ROOT, capture_output=True, text=True)

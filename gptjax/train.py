@@ -127,12 +127,11 @@ def _loss_estimator(steps: steps_lib.Steps, prepared: data.Prepared, batch_args:
   loss of `t.eval_iters` fixed batches (random windows) of each."""
   sets = {"train_loss": prepared.splits["train"], "val_loss": prepared.splits["val"],
           **{f"{name}/loss": tokens for name, tokens in prepared.eval_sets.items()}}
-  single = {**batch_args, "weights": (1.0,)}
 
   def estimate(params) -> dict:
     losses = {}
     for n, (key, tokens) in enumerate(sets.items()):
-      batches = data.TokenBatches(tokens, seed=t.seed + 1 + n, **(batch_args if isinstance(tokens, list) else single))
+      batches = data.TokenBatches(tokens, seed=t.seed + 1 + n, **batch_args)  # one array: the weights are unused
       losses[key] = float(np.mean(jax.device_get(
           [steps.eval(params, *(sharding.put_batch(a, mesh) for a in batches.batch(i))) for i in range(t.eval_iters)])))
     return losses
@@ -193,7 +192,7 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
                                     name="train", **batch_args)
   data.TokenBatches(splits["val"], name="val", **batch_args)  # checks the split is long enough
   for name, tokens in prepared.eval_sets.items():
-    data.TokenBatches(tokens, name=f"{name} validation", **{**batch_args, "weights": (1.0,)})
+    data.TokenBatches(tokens, name=f"{name} validation", **batch_args)
   train_batches.batch(0)  # drawn (and its token ids checked) before anything is written
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
   document_start = data.document_start(cfg.data, tok)
