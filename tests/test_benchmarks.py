@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gptjax import prepare
@@ -122,6 +123,18 @@ def test_data_order_prints_each_loader():
   rows = table_rows(output, "gptjax ")
   assert [row[0] for row in rows] == ["gptjax shuffled", "gptjax random"]
   assert all(float(row[2].replace(",", "")) > 0 for row in rows)
+
+
+def test_align_coverage_on_a_hand_made_layout():
+  output = run_benchmark("align_coverage.py", "--tiny")
+  assert len(table_rows(output, "made up, mean length")) == 2
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import align_coverage
+  # 641 tokens, windows of 64 at 0, 64, ..., 576; documents start at 0 and 100: aligned, the window at
+  # 64 moves to 100, so positions 64-99 are held by none.
+  starts = np.array([0, 100])
+  assert align_coverage.coverage(starts, 641, 64, align=False) == (640 / 641, 0.1)
+  assert align_coverage.coverage(starts, 641, 64, align=True) == ((640 - 36) / 641, 0.2)
 
 
 @pytest.mark.slow  # 40 s: four train steps compiled for 8 devices
