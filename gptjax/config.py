@@ -25,6 +25,7 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 # Training attention (gptjax.model.kernels): auto, or one kernel by name.
 ATTENTION_KERNELS = ("auto", "cudnn", "splash", "xla", "blocked")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
+MOE_MATMULS = ("auto", "ragged_dot", "tiled")
 OPTIMIZERS = ("adamw", "muon", "lion", "adafactor")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 DECAY_SHAPES = ("linear", "sqrt", "cosine")
@@ -87,6 +88,24 @@ class ModelConfig:
   # Gemma 2's soft cap on the logits, cap * tanh(logits / cap), part of the model (training,
   # evaluation and sampling alike); 0: none.
   logit_softcap: float = 0.0
+  # Mixture of experts (gptjax.model.moe), 0 experts: a dense MLP. Otherwise every block's MLP is
+  # n_experts experts (SwiGLU or GELU, as model.mlp) of expert_hidden each (0: mlp_hidden), of
+  # which a router picks experts_per_token per token, their weights renormalised to sum to 1 where
+  # moe_norm_topk (Qwen3-MoE's norm_topk_prob; Mixtral's always); plus a shared expert of
+  # shared_expert_hidden that every token passes through (DeepSeek's; 0: none).
+  n_experts: int = 0
+  experts_per_token: int = 2
+  expert_hidden: int = 0
+  shared_expert_hidden: int = 0
+  moe_norm_topk: bool = True
+  # The experts' grouped matmuls: ragged_dot (jax.lax.ragged_dot: grouped GEMMs on GPUs and TPUs),
+  # tiled (groups padded to tiles, one batched matmul: for CPUs, where XLA computes ragged_dot as
+  # every token times every expert), or auto: tiled on CPUs, ragged_dot elsewhere.
+  moe_matmul: str = "auto"
+
+  @property
+  def expert_size(self) -> int:
+    return self.expert_hidden or self.mlp_size
 
   @property
   def position_limit(self) -> int:
@@ -196,6 +215,11 @@ class OptimConfig:
   # PaLM's z-loss: this times the mean squared log-partition (log-sum-exp of the logits) is added to
   # the training loss, keeping the logits' normaliser near 1 (PaLM: 1e-4); logged as z_loss. 0: off.
   z_loss: float = 0.0
+  # A mixture of experts' router losses, added to the training loss with these weights (logged as
+  # router_balance and router_z): Switch Transformer's load-balancing loss (1 when the experts are
+  # used evenly) and ST-MoE's router z-loss, each the mean over the sparse layers.
+  router_aux_loss: float = 0.01
+  router_z_loss: float = 0.001
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,6 +428,11 @@ def validate(cfg: Config) -> Config:
       (m.positions != "sinusoidal" or m.n_embd % 2 == 0, "sinusoidal positions need an even model.n_embd (sin and cos pairs)"),
       (m.norm in ("layernorm", "rmsnorm"), f"model.norm={m.norm!r} is not layernorm or rmsnorm"),
       (m.mlp in ("gelu", "swiglu"), f"model.mlp={m.mlp!r} is not gelu or swiglu"),
+      (m.n_experts == 0 or 0 < m.experts_per_token <= m.n_experts,
+       f"model.experts_per_token={m.experts_per_token} is not in [1, model.n_experts={m.n_experts}]"),
+      (m.moe_matmul in MOE_MATMULS, f"model.moe_matmul={m.moe_matmul!r} is not one of {', '.join(MOE_MATMULS)}"),
+      (min(m.n_experts, m.expert_hidden, m.shared_expert_hidden) >= 0,
+       "model.n_experts, expert_hidden and shared_expert_hidden must be >= 0 (0: dense, derived, none)"),
       (m.positions == "rope" or not m.rope_scaling_factor, "model.rope_scaling_factor needs model.positions=rope"),
       (m.rope_theta > 0 and m.rope_scaling_factor >= 0 and m.rope_high_freq_factor > m.rope_low_freq_factor > 0,
        "model.rope_theta must be positive, rope_scaling_factor >= 0 and rope_high_freq_factor > rope_low_freq_factor > 0"),
@@ -438,6 +467,8 @@ def validate(cfg: Config) -> Config:
       (0 < o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} is not in (0, 1]"),
       (0 <= o.muon_momentum < 1 and o.muon_rms > 0, "optim.muon_momentum must be in [0, 1) and optim.muon_rms positive"),
       (0 <= o.z_loss < math.inf, f"optim.z_loss={o.z_loss} is not a number >= 0 (0 turns it off)"),
+      (0 <= o.router_aux_loss < math.inf and 0 <= o.router_z_loss < math.inf,
+       "optim.router_aux_loss and optim.router_z_loss must be numbers >= 0 (0 turns each off)"),
       (all(s == -1 or s > 0 for s in dataclasses.astuple(cfg.mesh)), "mesh axis sizes must be positive or -1"),
       (d.num_processes >= 0, f"distributed.num_processes={d.num_processes} is negative (0 means detected)"),
       (d.num_processes == 0 or d.process_id < d.num_processes,

@@ -274,6 +274,9 @@ def export_hf(run_dir: str, hf_dir: str, which: str = "best") -> int:
   if variants := cfg.model.textbook_variants():
     raise UserError(f"{', '.join(variants)}: neither GPT-2 nor the Llama family computes this, so Hugging Face "
                     "cannot hold it; the checkpoint works with every gptjax command")
+  if cfg.model.n_experts:
+    raise UserError(f"model.n_experts={cfg.model.n_experts}: exporting a mixture of experts is not built yet "
+                    "(Qwen3-MoE and Mixtral are planned); the checkpoint works with every other gptjax command")
   if cfg.model.positions == "rope":  # the Llama / Qwen family
     config, tensors = hf_llama.hf_config(cfg.model), hf_llama.params_to_hf(params, cfg.model)
     tok = tokenizer_lib.from_meta(tokenizer_meta)

@@ -26,7 +26,7 @@ from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
 LEGEND = ("B batch, T positions (queries; keys too in T×T), D model width, H query heads, G key/value heads, "
-          "K head size, F MLP hidden size, V vocabulary")
+          "K head size, F MLP hidden size (an expert's, in a mixture), E experts, k experts per token, V vocabulary")
 
 # (stage, its axes, what it is); a stage the model did not compute (another architecture's) is left out.
 BEFORE_BLOCKS = [
@@ -51,6 +51,11 @@ BLOCK = [
     ("attn/output", "B T D", "output projection c_proj: [{HK}] -> [{D}]"),
     ("attention_residual", "B T D", "residual add: x + attention"),
     ("ln_2", "B T D", "{norm} of x, before the MLP"),
+    ("mlp/router_probs", "B T E", "router: softmax of ln_2(x) W_router over the {E} experts"),
+    ("mlp/chosen_experts", "B T k", "the {k} likeliest experts' ids per position; their probabilities{renormalised} weight them"),
+    ("mlp/experts", "B T D", "the chosen experts' MLPs ([{D}] -> {activation} of [{F}] -> [{D}]), weighted and summed: "
+                            "grouped matmuls over the positions sorted by expert"),
+    ("mlp/shared/down", "B T D", "the shared expert, every position's: [{D}] -> [{shared_hidden}] -> [{D}], added"),
     ("mlp/up", "B T F", "expansion c_fc: [{D}] -> [{F}]"),
     ("mlp/gate_and_up", "B T 2 F", "expansion c_fc: gate and up projections, [{D}] -> 2 x [{F}]"),
     ("mlp/activation", "B T F", "{activation}"),
@@ -73,7 +78,9 @@ def facts(cfg: config_lib.ModelConfig) -> dict:
   rms, group = cfg.norm == "rmsnorm", cfg.n_head // cfg.kv_heads
   return dict(
       V=cfg.padded_vocab, D=cfg.n_embd, block=cfg.position_limit, H=cfg.n_head, G=cfg.kv_heads, K=cfg.head_size,
-      HK=cfg.n_head * cfg.head_size, F=cfg.mlp_size,
+      HK=cfg.n_head * cfg.head_size, F=cfg.expert_size if cfg.n_experts else cfg.mlp_size, E=cfg.n_experts,
+      k=cfg.experts_per_token, shared_hidden=cfg.shared_expert_hidden,
+      renormalised=" (renormalised to sum to 1)" if cfg.moe_norm_topk else "",
       shared=f" (grouped-query: each serves {group} query heads)" if group > 1 else "",
       norm="RMSNorm (each position / its root mean square, x scale)" if rms else
       "LayerNorm (each position to mean 0, variance 1, x scale + bias)",
@@ -227,7 +234,9 @@ def main(argv=None) -> None:
   tokens_BT = prompt_tokens(tok, args.prompt, cfg.block_size)
   intermediates = stage_shapes(cfg, tokens_BT)
   print(f"{source_line}: {cfg.n_layer} blocks, D={cfg.n_embd}, H={cfg.n_head}, G={cfg.kv_heads}, K={cfg.head_size}, "
-        f"F={cfg.mlp_size}, V={cfg.padded_vocab}; prompt {args.prompt!r} is {tokens_BT.shape[1]} tokens")
+        f"F={cfg.expert_size if cfg.n_experts else cfg.mlp_size}, "
+        f"{f'E={cfg.n_experts} (k={cfg.experts_per_token}), ' if cfg.n_experts else ''}V={cfg.padded_vocab}; "
+        f"prompt {args.prompt!r} is {tokens_BT.shape[1]} tokens")
   print(format_table([("stage", "shape", "what it is"), *stage_rows(cfg, intermediates, tokens_BT, layers)]))
   print(LEGEND)
   if params is not None:

@@ -44,8 +44,11 @@ def run(hooks: list[Hook], step: int, last_step: int, state: TrainState, step_me
       hook.fn(step, state, step_metrics)
 
 
+OPTIONAL_LOSSES = {"z_loss": "z-loss", "router_balance": "router balance", "router_z": "router z"}  # as logged
+
+
 class LogMetrics:
-  """A line with loss (and z-loss), learning rate, gradient norm, tokens/s, MFU and any skipped
+  """A line with loss (and z-loss, a mixture's router losses), learning rate, gradient norm, tokens/s, MFU and any skipped
   non-finite steps (waits for the step), and those values with the gradient and parameter norms
   per layer group and memory in use in the run's record; stops the run after `max_bad_steps`
   consecutive ones."""
@@ -60,14 +63,16 @@ class LogMetrics:
     tokens_per_s, mfu = self.throughput.measure(step)
     param_norms = metrics_lib.param_norms(state.params)  # on every process: a program over the whole mesh
     skipped = f", skipped {values['skipped']} non-finite steps so far" if values["skipped"] else ""
-    z_loss = f", z-loss {values['z_loss']:.2e}" if "z_loss" in values else ""
-    self.log(f"step {step}: loss {values['loss']:.4f}{z_loss}, lr {values['lr']:.2e}, grad norm "
+    extra = [name for name in OPTIONAL_LOSSES if name in values]  # z-loss, a mixture's router losses
+    losses = "".join(f", {OPTIONAL_LOSSES[name]} {values[name]:{'.2e' if name == 'z_loss' else '.3f'}}"
+                     for name in extra)
+    self.log(f"step {step}: loss {values['loss']:.4f}{losses}, lr {values['lr']:.2e}, grad norm "
              f"{values['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, MFU "
              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}{skipped}")
     self.bar.set_postfix(loss=f"{values['loss']:.4f}")
     if self.record is not None:
       self.record.write("train", step, {
-          "loss": float(values["loss"]), **({"z_loss": float(values["z_loss"])} if z_loss else {}),
+          "loss": float(values["loss"]), **{name: float(values[name]) for name in extra},
           "lr": float(values["lr"]), "grad_norm": float(values["grad_norm"]),
           "tokens_per_s": tokens_per_s, **({} if mfu is None else {"mfu": mfu}),
           "skipped_steps": int(values["skipped"])})

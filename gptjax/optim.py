@@ -21,7 +21,7 @@ from gptjax import model as model_lib
 from gptjax.config import ModelConfig
 from gptjax.config import OptimConfig
 
-BATCH_AXES = ("layers", None)  # axes of a stacked kernel that are not its matrix's
+BATCH_AXES = ("layers", "experts", None)  # axes of a stacked kernel that are not its matrix's
 
 
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:

@@ -35,6 +35,7 @@ LOGICAL_AXIS_RULES = (
     ("kv_heads", "tensor"),  # grouped-query attention's key/value heads: split where tensor divides them
     ("mlp", "tensor"),
     ("kv", None),
+    ("experts", None),  # a mixture's experts
 )
 
 

@@ -24,6 +24,9 @@ from gptjax import sharding
 from gptjax.model import documents as documents_lib
 
 
+ROUTER_METRICS = {"load_balancing": "router_balance", "router_z": "router_z"}  # as logged, unweighted
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -32,15 +35,22 @@ class TrainState:
 
 
 def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, schedule, seed: int,
-                    z_loss: float = 0.0, split_documents: Callable | None = None):
+                    optim_cfg: config_lib.OptimConfig = config_lib.OptimConfig(),
+                    split_documents: Callable | None = None):
   """`split_documents`: inputs [B, T] -> `documents.Documents` (document masking), or None."""
+  z_loss = optim_cfg.z_loss
+  router_weights = {"load_balancing": optim_cfg.router_aux_loss, "router_z": optim_cfg.router_z_loss}
+
   def loss_fn(params, inputs, targets, dropout_key):
     """What is differentiated: the cross-entropy, plus z_loss times the mean squared log-partition
-    (PaLM's z-loss); aside, (the cross-entropy, that mean square)."""
-    nll_BT, log_partition_BT = model_lib.bind(cfg, params).losses(
+    (PaLM's z-loss), plus a mixture's router losses with their weights; aside, (the cross-entropy,
+    that mean square, the router losses)."""
+    nll_BT, log_partition_BT, router = model_lib.bind(cfg, params).losses(
         inputs, targets, dropout_key=dropout_key, documents=split_documents and split_documents(inputs))
     nll, z_square = nll_BT.mean(), jnp.square(log_partition_BT).mean()
-    return nll + z_loss * z_square if z_loss else nll, (nll, z_square)
+    loss = nll + z_loss * z_square if z_loss else nll
+    loss = loss + sum(router_weights[name] * value for name, value in router.items())
+    return loss, (nll, z_square, router)
 
   def train_step(state: TrainState, inputs, targets):
     step_key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -54,14 +64,16 @@ def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformatio
 
     accum = inputs.shape[0]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grad_sum, (nll, z_square) = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), inputs, targets))
+    grad_sum, (nll, z_square, router) = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), inputs, targets))
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
     grad_norms = metrics_lib.norms_by_group(grads)  # the global norm from the same sums
     metrics = {"loss": nll.mean(), "grad_norm": jnp.sqrt(sum(jnp.square(n) for n in grad_norms.values())),
                "lr": schedule(state.step), "grad_norms": grad_norms,
-               **({"z_loss": z_loss * z_square.mean()} if z_loss else {}), **optim.non_finite_steps(opt_state)}
+               **({"z_loss": z_loss * z_square.mean()} if z_loss else {}),
+               **{ROUTER_METRICS[name]: value.mean() for name, value in router.items()},
+               **optim.non_finite_steps(opt_state)}
     return new_state, metrics
 
   return train_step
@@ -131,7 +143,7 @@ def lower_steps(cfg: config_lib.Config, tx, schedule, mesh, platform: str | None
 
   with jax.set_mesh(mesh):
     train_step = jax.jit(
-        make_train_step(cfg.model, tx, schedule, cfg.train.seed, cfg.optim.z_loss, split_documents),
+        make_train_step(cfg.model, tx, schedule, cfg.train.seed, cfg.optim, split_documents),
         in_shardings=(shardings, batches, batches), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     ).trace(abstract, batch_spec(accum_steps), batch_spec(accum_steps))

@@ -141,7 +141,9 @@ def _loss_estimator(steps: steps_lib.Steps, prepared: data.Prepared, batch_args:
 def _start_line(cfg: config_lib.Config, steps: steps_lib.Steps, mesh, start_step: int, resume: bool) -> str:
   t = cfg.train
   micro, accum = t.micro_batches(sharding.batch_shards(mesh))
-  return (f"gptjax: {model_lib.count_params(steps.abstract.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+  total, active = model_lib.count_params(steps.abstract.params), model_lib.active_params(cfg.model)
+  active = f" ({active / 1e6:.2f}M active per token)" if active < total else ""
+  return (f"gptjax: {total / 1e6:.2f}M parameters{active}, mesh {dict(mesh.shape)}, "
           f"{mesh.devices.size} {jax.devices()[0].platform} devices, "
           f"{cfg.tokens_per_step} tokens/step ({t.batch_size} x {cfg.model.block_size}: {accum} micro-step"
           f"{'s' if accum > 1 else ''} of {micro // sharding.batch_shards(mesh)} per device), "

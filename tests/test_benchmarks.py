@@ -125,6 +125,12 @@ def test_data_order_prints_each_loader():
   assert all(float(row[2].replace(",", "")) > 0 for row in rows)
 
 
+def test_moe_mlp_prints_the_dense_and_both_routed_kernels():
+  output = run_benchmark("moe_mlp.py", "--tiny")
+  assert [row[1] for row in table_rows(output, "tiny")] == [
+      "dense SwiGLU, same active size", "routed, moe_matmul=tiled", "routed, moe_matmul=ragged_dot"]
+
+
 def test_align_coverage_on_a_hand_made_layout():
   output = run_benchmark("align_coverage.py", "--tiny")
   assert len(table_rows(output, "made up, mean length")) == 2

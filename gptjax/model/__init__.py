@@ -16,8 +16,8 @@ from gptjax.model.attention import KVCache
 from gptjax.model.layers import compute_dtype, logical_axes, lowering_for, platform
 from gptjax.model.transformer import GPT
 
-__all__ = ["GPT", "KVCache", "init_params", "abstract_params", "bind", "compute_dtype", "count_params", "flops_per_token",
-           "forward_with_intermediates", "lowering_for", "platform"]
+__all__ = ["GPT", "KVCache", "init_params", "abstract_params", "bind", "compute_dtype", "count_params", "active_params",
+           "flops_per_token", "forward_with_intermediates", "lowering_for", "platform"]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
@@ -59,12 +59,23 @@ def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
+def active_params(cfg: ModelConfig) -> int:
+  """The parameters one token uses: all but the experts it does not choose (a mixture's
+  experts_per_token of n_experts); all of them in a dense model."""
+  shapes = abstract_params(cfg)[0]
+  if not cfg.n_experts:
+    return count_params(shapes)
+  experts = count_params([shapes["h"]["mlp"][name] for name in ("c_fc", "c_proj")])
+  return count_params(shapes) - experts + experts * cfg.experts_per_token // cfg.n_experts
+
+
 def flops_per_token(cfg: ModelConfig) -> float:
   """Training FLOPs per token as PaLM (appendix B) and nanoGPT count them: 6 per parameter that
   multiplies (all but the tables that are only looked up: the position table, and the token table
-  when the head is a matrix of its own) plus 12 * n_layer * n_head * head_dim * block_size for the
-  attention scores and their weighted sum. Recomputation is not counted."""
-  n_params = count_params(abstract_params(cfg)[0])
+  when the head is a matrix of its own; of a mixture's experts, the ones each token chooses) plus
+  12 * n_layer * n_head * head_dim * block_size for the attention scores and their weighted sum.
+  Recomputation is not counted."""
+  n_params = active_params(cfg)
   looked_up = (cfg.position_limit * cfg.n_embd if cfg.positions == "learned" else 0) + \
       (0 if cfg.tie_embeddings else cfg.padded_vocab * cfg.n_embd)
   return 6 * (n_params - looked_up) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.block_size

@@ -33,6 +33,7 @@ from gptjax.model.documents import Documents
 from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, scanned, soft_cap, sow
 from gptjax.model.loss import LOGITS_AXES, next_token_nll
 from gptjax.model.mlp import MLP
+from gptjax.model.moe import MoE
 
 RESIDUAL_AXES = ("batch", "sequence", "embed")  # the residual stream [B, T, embd]
 CACHE_AXES = ("batch", "kv_heads", "sequence", "kv")  # each layer's cache [B, kv_heads, S, head_dim]
@@ -49,16 +50,22 @@ class Block(nnx.Module):
     self.ln_1 = norm(cfg, rngs=rngs)
     self.attn = CausalSelfAttention(cfg, rngs=rngs)
     self.ln_2 = norm(cfg, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs) if cfg.n_experts else MLP(cfg, rngs=rngs)
     self.post_norm = cfg.norm_position == "post"
 
   def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False,
                documents: Documents | None = None):
+    """-> (output [B, T, D], the cache, the router's losses: {} for a dense MLP)."""
     attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     x_BTD, cache = self._residual(x_BTD, self.ln_1, "ln_1", "attention_residual",
                                   lambda h_BTD: self.attn(h_BTD, cache, layer, attn_key, prefill, documents))
-    x_BTD, _ = self._residual(x_BTD, self.ln_2, "ln_2", "mlp_residual", lambda h_BTD: (self.mlp(h_BTD, mlp_key), None))
-    return sharding.constrain(x_BTD, RESIDUAL_AXES), cache
+    x_BTD, router = self._residual(x_BTD, self.ln_2, "ln_2", "mlp_residual", self._mlp(mlp_key))
+    return sharding.constrain(x_BTD, RESIDUAL_AXES), cache, router
+
+  def _mlp(self, key):
+    if isinstance(self.mlp, MoE):
+      return lambda h_BTD: self.mlp(h_BTD, key)
+    return lambda h_BTD: (self.mlp(h_BTD, key), {})
 
   def _residual(self, x_BTD, norm_layer, norm_name: str, residual_name: str, sublayer):
     """One residual sublayer, `sublayer(h) -> (output, what else it returns)`: pre-norm (GPT-2,
@@ -110,7 +117,7 @@ class GPT(nnx.Module):
 
   def __call__(self, tokens_BT, *, dropout_key: jax.Array | None = None):
     """tokens: int [B, T] -> logits float32 [B, T, vocab]. Dropout only when given a key."""
-    x_BTD, _ = self._forward(tokens_BT, None, dropout_key)
+    x_BTD, _, _ = self._forward(tokens_BT, None, dropout_key)
     return self._logits(x_BTD)
 
   def nll(self, tokens_BT, targets_BT, *, dropout_key: jax.Array | None = None, documents: Documents | None = None):
@@ -118,16 +125,19 @@ class GPT(nnx.Module):
     return self.losses(tokens_BT, targets_BT, dropout_key=dropout_key, documents=documents)[0]
 
   def losses(self, tokens_BT, targets_BT, *, dropout_key: jax.Array | None = None, documents: Documents | None = None):
-    """(the next-token cross-entropy [B, T], the log-partition [B, T]; float32), from the head and
+    """(the next-token cross-entropy [B, T], the log-partition [B, T]; float32; and a mixture of
+    experts' router losses, each the mean over the layers: {} for dense MLPs), from the head and
     the loss computed in chunks of model.loss_chunk positions (`loss.next_token_nll`): the
     whole [B, T, vocab] logits never exist. Dropout only when given a key. With `documents`, each
     position attends within its own document (and counts its position from its start, where they
     say so)."""
-    x_BTD, _ = self._forward(tokens_BT, None, dropout_key, documents=documents)
+    x_BTD, _, router = self._forward(tokens_BT, None, dropout_key, documents=documents)
     dtype = compute_dtype(self.cfg)
     table_VD = sharding.constrain(self._head_table(), ("vocab", None))  # gathered over fsdp once, not per chunk
-    return next_token_nll(x_BTD.astype(dtype), table_VD.astype(dtype), targets_BT, vocab_size=self.cfg.vocab_size,
-                          chunk=self.cfg.loss_chunk, softcap=self.cfg.logit_softcap)
+    nll_BT, log_partition_BT = next_token_nll(x_BTD.astype(dtype), table_VD.astype(dtype), targets_BT,
+                                              vocab_size=self.cfg.vocab_size, chunk=self.cfg.loss_chunk,
+                                              softcap=self.cfg.logit_softcap)
+    return nll_BT, log_partition_BT, router
 
   def init_cache(self, batch: int, length: int | None = None) -> KVCache:
     """An empty cache for `length` positions (default: the whole context, block_size)."""
@@ -152,13 +162,13 @@ class GPT(nnx.Module):
     """tokens [B, T] continue the cached sequence -> (the next token's logits [B, vocab], the
     extended cache). Only the last position goes through the LM head. The caller keeps
     cache.length + T within the cache and block_size (`gptjax.sample` restarts the cache before)."""
-    x_B1D, cache = self._forward(tokens_BT, cache, None, layers, prefill)
+    x_B1D, cache, _ = self._forward(tokens_BT, cache, None, layers, prefill)
     return self._logits(x_B1D)[:, 0], cache.replace(length=cache.length + tokens_BT.shape[1])
 
   def _forward(self, tokens_BT, cache: KVCache | None, dropout_key, layers=None, prefill: bool = False,
                documents: Documents | None = None):
     """-> (the final norm's output [B, T, embd] without a cache, or of the last position [B, 1, embd]
-    with one; the cache)."""
+    with one; the cache; the router's losses, as `losses` says)."""
     cfg = self.cfg
     start = 0 if cache is None else cache.length
     embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
@@ -176,17 +186,18 @@ class GPT(nnx.Module):
     x_BTD = self.dropout(x_BTD, deterministic=embed_key is None, rngs=embed_key)
     x_BTD = sharding.constrain(x_BTD, RESIDUAL_AXES)
     layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.n_layer)
+    router = {}
     if cache is None:
-      x_BTD = self._blocks(x_BTD, layer_keys, documents)
+      x_BTD, router = self._blocks(x_BTD, layer_keys, documents)
     else:  # generation: blocks unrolled, each with its own weights and cache; the next token's logits only
       graphdef = nnx.graphdef(self.h)
       for i, params in enumerate(layers or self.layer_params()):
-        x_BTD, cache = nnx.merge(graphdef, params)(x_BTD, cache, i, None, prefill)
+        x_BTD, cache, _ = nnx.merge(graphdef, params)(x_BTD, cache, i, None, prefill)
       x_BTD = x_BTD[:, -1:]
     if cfg.has_final_norm:
       x_BTD = self.ln_f(x_BTD)
       sow(self, "ln_f", x_BTD)
-    return x_BTD, cache
+    return x_BTD, cache, router
 
   def _logits(self, x_BTD):
     """The LM head: [B, T, embd] -> float32 logits [B, T, vocab]; the matmul's inputs in the compute
@@ -205,26 +216,31 @@ class GPT(nnx.Module):
     return self.wte.embedding[...] if self.cfg.tie_embeddings else self.lm_head.kernel[...].T
 
   def _blocks(self, x_BTD, layer_keys, documents: Documents | None):
-    """Runs the stacked blocks in order (training and evaluation); layer_keys (or None) has a leading layer axis."""
+    """Runs the stacked blocks in order (training and evaluation); layer_keys (or None) has a
+    leading layer axis. -> (the output, the router's losses averaged over the layers)."""
     if capturing(self):
-      return self._blocks_captured(x_BTD)
+      return self._blocks_captured(x_BTD), {}
     graphdef, stacked = nnx.split(self.h)
 
     def layer(x_BTD, per_layer):
       params, key = per_layer
-      return nnx.merge(graphdef, params)(x_BTD, None, None, key, documents=documents)[0], None
+      x_BTD, _, router = nnx.merge(graphdef, params)(x_BTD, None, None, key, documents=documents)
+      return x_BTD, router
 
     scan = scanned(self.cfg)
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not scan)
     if scan:
-      return jax.lax.scan(layer, x_BTD, (stacked, layer_keys))[0]
-    # Unrolled: unstack each array once (its gradient is one stack, not n_layer padded slices).
-    leaves, treedef = jax.tree.flatten((stacked, layer_keys))
-    unstacked = [jnp.unstack(leaf) for leaf in leaves]
-    for i in range(self.cfg.n_layer):
-      x_BTD, _ = layer(x_BTD, treedef.unflatten([layers[i] for layers in unstacked]))
-    return x_BTD
+      x_BTD, router_L = jax.lax.scan(layer, x_BTD, (stacked, layer_keys))
+    else:  # unrolled: unstack each array once (its gradient is one stack, not n_layer padded slices)
+      leaves, treedef = jax.tree.flatten((stacked, layer_keys))
+      unstacked = [jnp.unstack(leaf) for leaf in leaves]
+      routers = []
+      for i in range(self.cfg.n_layer):
+        x_BTD, router = layer(x_BTD, treedef.unflatten([layers[i] for layers in unstacked]))
+        routers.append(router)
+      router_L = jax.tree.map(lambda *values: jnp.stack(values), *routers)
+    return x_BTD, jax.tree.map(lambda values: jnp.mean(values, axis=0), router_L)
 
   def _blocks_captured(self, x_BTD):
     """The blocks one by one, each under `nnx.capture`; their intermediates are kept as this
@@ -232,7 +248,7 @@ class GPT(nnx.Module):
     graphdef, stacked, rest = nnx.split(self.h, nnx.Param, ...)
     for i in range(self.cfg.n_layer):
       block = nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked), rest)
-      (x_BTD, _), intermediates = nnx.capture(block, nnx.Intermediate)(x_BTD, None, i, None)
+      (x_BTD, _, _), intermediates = nnx.capture(block, nnx.Intermediate)(x_BTD, None, i, None)
       sow(self, "blocks", jax.tree.map(lambda kept: kept[0], nnx.to_pure_dict(intermediates),
                                         is_leaf=lambda x: isinstance(x, tuple)))  # sow keeps (value,)
     return x_BTD

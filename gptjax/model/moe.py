@@ -1,0 +1,151 @@
+"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE; DeepSeek's shared expert): a router scores
+`model.n_experts` experts for each token, the `model.experts_per_token` best (k) compute its
+output, weighted by their router probabilities (renormalised over the k where
+`model.moe_norm_topk`), and a shared expert, where there is one, is added for every token.
+
+Dropless: every one of the N x k (token, expert) choices is computed, none dropped for capacity.
+The choices are sorted by expert and run through two grouped matmuls, one group of rows per
+expert (`model.moe_matmul`: `jax.lax.ragged_dot`, grouped GEMMs on GPUs and TPUs; on a CPU, where
+XLA computes ragged_dot densely, `tiled_matmul`), then put back in token order and summed with
+their weights; no [tokens, experts] dispatch computes every expert for every token.
+
+The router's two auxiliary losses are returned beside the output: Switch Transformer's
+load-balancing loss (Fedus et al. 2021, eq. 4, with k choices as Mixtral's) and ST-MoE's router
+z-loss (Zoph et al. 2022); the train step adds them with `optim.router_aux_loss` and
+`optim.router_z_loss`.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax.config import ModelConfig
+from gptjax.model.layers import axes, compute_dtype, platform, sow
+from gptjax.model.mlp import MLP
+
+
+TILE = 128  # the most rows per tile of `tiled_matmul` (fastest of 64, 128, 256 on a CPU)
+
+
+def route(logits_NE, k: int, norm_topk: bool):
+  """Router logits [N, E] -> (probabilities [N, E], the k chosen experts' weights [N, k] and
+  ids [N, k]; float32), the weights renormalised to sum to 1 where `norm_topk`."""
+  probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+  weights_NK, experts_NK = jax.lax.top_k(probs_NE, k)
+  if norm_topk:
+    weights_NK = weights_NK / jnp.sum(weights_NK, axis=-1, keepdims=True)
+  return probs_NE, weights_NK, experts_NK
+
+
+def load_balancing_loss(probs_NE, experts_NK):
+  """E * sum_e f_e * P_e: f_e the share of the N x k choices that went to expert e, P_e its mean
+  router probability. 1 when both are uniform; E when every token picks the same experts."""
+  n_experts = probs_NE.shape[-1]
+  share_E = jnp.zeros(n_experts, jnp.float32).at[experts_NK.reshape(-1)].add(1.0) / experts_NK.size
+  return n_experts * jnp.sum(share_E * jnp.mean(probs_NE, axis=0))
+
+
+def router_z_loss(logits_NE):
+  """The mean squared log-partition of the router's logits."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE.astype(jnp.float32), axis=-1)))
+
+
+def tiled_matmul(x_MD, w_EDF, group_sizes_E):
+  """jax.lax.ragged_dot's grouped matmul (rows x_MD in groups of group_sizes_E, group e times
+  w_EDF[e]) as tiles of rows, each group padded to whole tiles and each tile multiplied by its
+  group's matrix in one batched matmul: at most M + E x tile rows computed, the tile M / E rows
+  (a power of two, at most TILE). What runs on a CPU, where XLA computes ragged_dot as every row
+  times every group's matrix (E times the work)."""
+  rows, experts = x_MD.shape[0], w_EDF.shape[0]
+  tile = min(TILE, 1 << max(0, (-(-rows // experts) - 1).bit_length()))
+  n_tiles = -(-rows // tile) + experts  # enough for every group padded up to whole tiles
+  padded_E = -(-group_sizes_E // tile) * tile
+  padded_start_E = jnp.cumsum(padded_E) - padded_E
+  group_M = jnp.repeat(jnp.arange(experts), group_sizes_E, total_repeat_length=rows)
+  place_M = padded_start_E[group_M] + jnp.arange(rows) - (jnp.cumsum(group_sizes_E) - group_sizes_E)[group_M]
+  x_RD = jnp.zeros((n_tiles * tile, x_MD.shape[1]), x_MD.dtype).at[place_M].set(x_MD)
+  tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_tiles) * tile, side="right"),
+                            experts - 1)  # the tiles past the last group hold zeros: any matrix serves
+  y_RF = jnp.einsum("ntd,ndf->ntf", x_RD.reshape(n_tiles, tile, -1), jnp.take(w_EDF, tile_expert, axis=0))
+  return jnp.take(y_RF.reshape(n_tiles * tile, -1), place_M, axis=0)
+
+
+def grouped_experts(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD, activation, matmul=jax.lax.ragged_dot):
+  """Each token's output: the sum over its k experts of weight * proj(activation(x fc)), through
+  grouped matmuls over the choices sorted by expert (`matmul`: ragged_dot or `tiled_matmul`).
+  fc_EDF [E, D, F'] (F' = 2F for SwiGLU's gate and up), proj_EFD [E, F, D]; `activation`:
+  [M, F'] -> [M, F]."""
+  n, k = experts_NK.shape
+  expert_M = experts_NK.reshape(-1)  # M = N x k choices, token-major
+  order_M = jnp.argsort(expert_M, stable=True)  # the choices grouped by expert
+  group_sizes_E = jnp.zeros(fc_EDF.shape[0], jnp.int32).at[expert_M].add(1)
+  x_MD = jnp.take(x_ND, order_M // k, axis=0)
+  h_MF = activation(matmul(x_MD, fc_EDF, group_sizes_E))
+  y_MD = matmul(h_MF, proj_EFD, group_sizes_E)
+  y_NKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(n, k, -1)  # back in token order
+  return jnp.einsum("nkd,nk->nd", y_NKD, weights_NK.astype(y_NKD.dtype))
+
+
+MATMULS = {"ragged_dot": jax.lax.ragged_dot, "tiled": tiled_matmul}
+
+
+def matmul_kernel(cfg: ModelConfig) -> str:
+  """model.moe_matmul, where auto is tiled on a CPU and ragged_dot (grouped GEMMs) elsewhere."""
+  if cfg.moe_matmul != "auto":
+    return cfg.moe_matmul
+  return "tiled" if platform() == "cpu" else "ragged_dot"
+
+
+class ExpertKernels(nnx.Module):
+  """Every expert's weights of one projection, stacked: `kernel` [experts, ...]."""
+
+  def __init__(self, shape: tuple, names: tuple, stddev: float, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(nnx.initializers.normal(stddev)(rngs.params(), shape), **axes(*names))
+
+
+class MoE(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    experts, hidden, width = cfg.n_experts, cfg.expert_size, cfg.n_embd
+    self.swiglu = cfg.mlp == "swiglu"
+    self.router = nnx.Linear(width, experts, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
+                             kernel_metadata=axes("embed", None), rngs=rngs)
+    fc_shape = (experts, width, 2, hidden) if self.swiglu else (experts, width, hidden)
+    self.c_fc = ExpertKernels(fc_shape, ("experts", "embed", *((None,) if self.swiglu else ()), "mlp"), 0.02, rngs)
+    self.c_proj = ExpertKernels((experts, hidden, width), ("experts", "mlp", "embed"),
+                                0.02 / math.sqrt(2 * cfg.n_layer), rngs)
+    if cfg.shared_expert_hidden:
+      self.shared = MLP(dataclasses.replace(cfg, mlp_hidden=cfg.shared_expert_hidden), rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, x_BTD, dropout_key: jax.Array | None):
+    """-> (output [B, T, D], {"load_balancing": scalar, "router_z": scalar})."""
+    cfg, dtype = self.cfg, compute_dtype(self.cfg)
+    batch, length, width = x_BTD.shape
+    x_ND = x_BTD.reshape(-1, width)
+    logits_NE = jnp.dot(x_ND, self.router.kernel[...].astype(dtype), preferred_element_type=jnp.float32)
+    probs_NE, weights_NK, experts_NK = route(logits_NE, cfg.experts_per_token, cfg.moe_norm_topk)
+    sow(self, "router_probs", probs_NE.reshape(batch, length, -1))
+    sow(self, "chosen_experts", experts_NK.reshape(batch, length, -1))
+    fc = self.c_fc.kernel[...].astype(dtype)
+    fc_EDF = fc.reshape(fc.shape[0], width, -1)  # SwiGLU's [E, D, 2, F] as [E, D, 2F]: gate, then up
+    y_ND = grouped_experts(x_ND, experts_NK, weights_NK, fc_EDF, self.c_proj.kernel[...].astype(dtype),
+                           self._activation, MATMULS[matmul_kernel(cfg)])
+    y_BTD = y_ND.reshape(batch, length, width)
+    sow(self, "experts", y_BTD)
+    experts_key, shared_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    y_BTD = self.dropout(y_BTD, deterministic=experts_key is None, rngs=experts_key)
+    if cfg.shared_expert_hidden:
+      y_BTD = y_BTD + self.shared(x_BTD, shared_key)
+    stats = {"load_balancing": load_balancing_loss(probs_NE, experts_NK), "router_z": router_z_loss(logits_NE)}
+    return y_BTD, stats
+
+  def _activation(self, h_MF):
+    if self.swiglu:
+      gate_MF, up_MF = jnp.split(h_MF, 2, axis=-1)
+      return jax.nn.silu(gate_MF) * up_MF
+    return jax.nn.gelu(h_MF, approximate=True)

@@ -1,0 +1,184 @@
+"""The mixture-of-experts MLP: routed output and gradients against a plain loop over each token's
+chosen experts, the router losses against their formulas (and transformers' Mixtral loss), the
+cached decoding of an MoE model, and a short training run that logs the router's losses."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gptjax import config as config_lib
+from gptjax import optim
+from gptjax import model as model_lib
+from gptjax.model import moe
+
+from conftest import one_line_error, run_cli, tiny
+
+MOE = config_lib.ModelConfig(vocab_size=40, block_size=12, n_layer=2, n_head=2, n_embd=16, bias=False, norm="rmsnorm",
+                             positions="rope", mlp="swiglu", tie_embeddings=False, n_experts=4, experts_per_token=2,
+                             expert_hidden=12)
+
+
+def _per_token_loop(layer: moe.MoE, x_BTD):
+  """y[n] = sum over token n's k likeliest experts e of w_e * proj_e(act(x[n] fc_e)), one token
+  and one expert at a time; w the router's probabilities of the k (renormalised where asked)."""
+  cfg = layer.cfg
+  x_ND = x_BTD.reshape(-1, cfg.n_embd)
+  probs_NE = jax.nn.softmax(x_ND @ layer.router.kernel[...], axis=-1)
+  outputs = []
+  for n in range(x_ND.shape[0]):
+    chosen = np.argsort(-np.asarray(jax.lax.stop_gradient(probs_NE[n])), kind="stable")[:cfg.experts_per_token]
+    weights = probs_NE[n, chosen]
+    weights = weights / weights.sum() if cfg.moe_norm_topk else weights
+    y_D = jnp.zeros(cfg.n_embd)
+    for e, w in zip(chosen, weights):
+      h = x_ND[n] @ layer.c_fc.kernel[...][e].reshape(cfg.n_embd, -1)
+      if cfg.mlp == "swiglu":
+        gate, up = jnp.split(h, 2)
+        h = jax.nn.silu(gate) * up
+      else:
+        h = jax.nn.gelu(h, approximate=True)
+      y_D = y_D + w * (h @ layer.c_proj.kernel[...][e])
+    outputs.append(y_D)
+  y_BTD = jnp.stack(outputs).reshape(x_BTD.shape)
+  return y_BTD + layer.shared(x_BTD, None) if cfg.shared_expert_hidden else y_BTD
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mlp": "gelu", "moe_norm_topk": False},
+                                       {"shared_expert_hidden": 8, "experts_per_token": 3},
+                                       {"moe_matmul": "ragged_dot"}])
+def test_routed_experts_equal_a_loop_over_each_tokens_choices(overrides):
+  cfg = dataclasses.replace(MOE, **overrides)
+  layer = moe.MoE(cfg, rngs=nnx.Rngs(0))
+  x_BTD = jax.random.normal(jax.random.key(1), (2, 5, cfg.n_embd))
+  cotangent = jax.random.normal(jax.random.key(2), x_BTD.shape)
+  graphdef, params = nnx.split(layer)
+
+  def weighted(run, params, x_BTD):
+    return jnp.sum(run(nnx.merge(graphdef, params), x_BTD) * cotangent)
+
+  def routed(layer, x_BTD):
+    return layer(x_BTD, None)[0]
+
+  np.testing.assert_allclose(routed(layer, x_BTD), _per_token_loop(layer, x_BTD), rtol=1e-5, atol=1e-6)
+  grads = jax.grad(weighted, argnums=(1, 2))(routed, params, x_BTD)
+  expected = jax.grad(weighted, argnums=(1, 2))(_per_token_loop, params, x_BTD)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows, sizes", [(10, [4, 0, 6]), (7, [0, 0, 7, 0]), (300, [1, 120, 0, 33, 146]),
+                                         (5, [1, 1, 1, 1, 1, 0, 0, 0])])
+def test_the_tiled_matmul_equals_ragged_dot(rows, sizes):
+  x_MD = jax.random.normal(jax.random.key(0), (rows, 6))
+  w_EDF = jax.random.normal(jax.random.key(1), (len(sizes), 6, 5))
+  group_sizes_E = jnp.array(sizes, jnp.int32)
+  cotangent = jax.random.normal(jax.random.key(2), (rows, 5))
+
+  def weighted(matmul, x_MD, w_EDF):
+    return jnp.sum(matmul(x_MD, w_EDF, group_sizes_E) * cotangent)
+
+  np.testing.assert_allclose(moe.tiled_matmul(x_MD, w_EDF, group_sizes_E),
+                             jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(weighted, argnums=(1, 2))(moe.tiled_matmul, x_MD, w_EDF),
+                       jax.grad(weighted, argnums=(1, 2))(jax.lax.ragged_dot, x_MD, w_EDF)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_tiled_matmul_computes_only_the_chosen_rows():
+  """XLA's FLOPs for 1,536 rows in 8 groups: ragged_dot on a CPU computes every row for every
+  group (8x); the tiles at most the rows plus a tile per group."""
+  x_MD, w_EDF = jnp.ones((1536, 128)), jnp.ones((8, 128, 384))
+  group_sizes_E = jnp.array([500, 300, 200, 200, 136, 100, 60, 40], jnp.int32)
+  needed = 2 * 1536 * 128 * 384
+
+  def flops(matmul):
+    analysis = jax.jit(matmul).lower(x_MD, w_EDF, group_sizes_E).compile().cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+  assert flops(jax.lax.ragged_dot) >= 7 * needed
+  assert flops(moe.tiled_matmul) <= (1536 + 8 * moe.TILE) / 1536 * needed * 1.05
+
+
+def test_the_load_balancing_loss_on_a_hand_made_case():
+  probs_NE = jnp.array([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1], [0.5, 0.1, 0.1, 0.3]])
+  experts_NK = jnp.array([[0, 1], [0, 1], [0, 2], [0, 3]])
+  # f = the share of the 8 choices per expert = (4, 2, 1, 1) / 8; P = the mean probabilities
+  # = (0.45, 0.2, 0.2, 0.15); E * sum f * P = 4 * (0.225 + 0.05 + 0.025 + 0.01875).
+  np.testing.assert_allclose(moe.load_balancing_loss(probs_NE, experts_NK), 1.275, rtol=1e-6)
+  uniform = jnp.full((4, 4), 0.25)
+  np.testing.assert_allclose(moe.load_balancing_loss(uniform, jnp.array([[0, 1], [2, 3], [0, 1], [2, 3]])), 1.0)
+  collapsed = jax.nn.one_hot(jnp.zeros(4, jnp.int32), 4)  # every token on expert 0
+  np.testing.assert_allclose(moe.load_balancing_loss(collapsed, jnp.zeros((4, 1), jnp.int32)), 4.0)
+
+
+def test_the_load_balancing_loss_is_mixtrals_over_k():
+  """transformers' Mixtral loss (one layer, no padding) sums over the k choices without dividing by k."""
+  torch = pytest.importorskip("torch")
+  from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+  logits_NE = jax.random.normal(jax.random.key(0), (24, 8))
+  probs_NE, _, experts_NK = moe.route(logits_NE, 2, norm_topk=True)
+  theirs = load_balancing_loss_func((torch.tensor(np.asarray(logits_NE)),), num_experts=8, top_k=2)
+  np.testing.assert_allclose(2 * moe.load_balancing_loss(probs_NE, experts_NK), theirs.item(), rtol=1e-5)
+
+
+def test_the_router_z_loss_is_the_mean_squared_log_partition():
+  logits_NE = jax.random.normal(jax.random.key(0), (6, 4)) * 3
+  expected = np.mean(np.log(np.exp(np.asarray(logits_NE, np.float64)).sum(-1)) ** 2)
+  np.testing.assert_allclose(moe.router_z_loss(logits_NE), expected, rtol=1e-5)
+
+
+def test_route_renormalises_the_chosen_weights_only_when_asked():
+  logits_NE = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+  _, weights, experts = moe.route(logits_NE, 2, norm_topk=True)
+  np.testing.assert_allclose(weights, [[0.625, 0.375]], rtol=1e-6)
+  assert experts.tolist() == [[0, 1]]
+  np.testing.assert_allclose(moe.route(logits_NE, 2, norm_topk=False)[1], [[0.5, 0.3]], rtol=1e-6)
+
+
+def test_an_moe_model_decodes_with_its_cache_as_its_full_forward():
+  cfg = dataclasses.replace(MOE, shared_expert_hidden=8)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, cfg.block_size), 0, cfg.vocab_size)
+  model = model_lib.bind(cfg, params)
+  logits = model(tokens)
+  next_logits, cache = model.prefill(tokens[:, :6], cfg.block_size)
+  np.testing.assert_allclose(next_logits, logits[:, 5], rtol=1e-5, atol=1e-5)
+  for t in range(6, cfg.block_size):
+    next_logits, cache = model.decode(tokens[:, t:t + 1], cache)
+    np.testing.assert_allclose(next_logits, logits[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_an_moe_run_trains_logs_its_router_losses_and_explains_its_routing(char_data, tmp_path):
+  moe_model = ["model.n_experts=4", "model.experts_per_token=2", "model.expert_hidden=32", "model.mlp=swiglu"]
+  result = run_cli("train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", f"train.out_dir={tmp_path}",
+                                                            *moe_model, "train.max_iters=20", "train.log_interval=10"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "M active per token)" in result.stdout.splitlines()[0]
+  lines = [line for line in result.stdout.splitlines() if line.startswith("step ") and "router balance" in line]
+  assert len(lines) == 2, result.stdout
+  balance = float(lines[-1].split("router balance ")[1].split(",")[0])
+  assert 1.0 <= balance < 4.0  # 1 when the 4 experts share the choices evenly, 4 when one takes all
+
+  explained = run_cli("explain", "--checkpoint", tmp_path, "--layers", "0")
+  assert explained.returncode == 0, explained.stderr[-2000:]
+  assert "E=4 (k=2)" in explained.stdout
+  for stage, shape in [("router_probs", "E=4]"), ("chosen_experts", "k=2]"), ("experts", "D=32]")]:
+    assert any(line.split()[:1] == [stage] and shape in line for line in explained.stdout.splitlines()), stage
+  one_line_error(run_cli("convert", "export", tmp_path, tmp_path / "hf"),
+                 "model.n_experts=4: exporting a mixture of experts is not built yet")
+  assert not (tmp_path / "hf").exists()
+
+
+def test_each_expert_is_a_matrix_of_its_own_for_muon_and_decayed_by_adamw():
+  _, names = model_lib.abstract_params(MOE)
+  mlp = names["h"]["mlp"]
+  assert optim.muon_dimensions(mlp["c_fc"]["kernel"]) == optax.contrib.MuonDimensionNumbers((2,), (4,))
+  assert optim.muon_dimensions(mlp["c_proj"]["kernel"]) == optax.contrib.MuonDimensionNumbers((2,), (3,))
+  assert optim.muon_dimensions(mlp["router"]["kernel"]) is None  # [layers, embed, experts]: AdamW's
+  decayed = optim.decay_mask(model_lib.abstract_params(MOE)[0])["h"]["mlp"]
+  assert decayed["c_fc"]["kernel"] and decayed["c_proj"]["kernel"] and decayed["router"]["kernel"]
