@@ -1,5 +1,5 @@
-"""Hugging Face interop: import a GPT-2, Llama, Qwen2 or Qwen3 directory as a gptjax checkpoint,
-export one back. The GPT-2 layout is here; the Llama / Qwen family's is in `gptjax.hf_llama`.
+"""Hugging Face interop: import a GPT-2, Llama, Qwen2, Qwen3, Mixtral or Qwen3-MoE directory as a gptjax
+checkpoint, export one back. The GPT-2 layout is here; the Llama / Qwen family's is in `gptjax.hf_llama`.
 
     gptjax convert import ~/models/gpt2 out/gpt2            # config.json + model.safetensors
     gptjax convert export out/shakespeare_char_cpu hf/shakespeare --step best
@@ -256,7 +256,8 @@ def import_hf(hf_dir: str, out_dir: str) -> config_lib.Config:
   if (hf.get("architectures") or [None])[0] in hf_llama.ARCHITECTURES:
     cfg = config_lib.Config(model=hf_llama.model_config_from_hf(hf, source))
     tokenizer_meta = _llama_tokenizer(path, hf, source)
-    params = hf_llama.params_from_hf(read_hf_tensors(path), cfg.model, str(path))
+    params = hf_llama.params_from_hf(read_hf_tensors(path), cfg.model, str(path),
+                                     hf_llama.ARCHITECTURES[hf["architectures"][0]])
   else:
     cfg = config_lib.Config(model=model_config_from_hf(hf, source))
     tokenizer_meta = check_tokenizer(path, hf, source)
@@ -274,9 +275,6 @@ def export_hf(run_dir: str, hf_dir: str, which: str = "best") -> int:
   if variants := cfg.model.textbook_variants():
     raise UserError(f"{', '.join(variants)}: neither GPT-2 nor the Llama family computes this, so Hugging Face "
                     "cannot hold it; the checkpoint works with every gptjax command")
-  if cfg.model.n_experts:
-    raise UserError(f"model.n_experts={cfg.model.n_experts}: exporting a mixture of experts is not built yet "
-                    "(Qwen3-MoE and Mixtral are planned); the checkpoint works with every other gptjax command")
   if cfg.model.positions == "rope":  # the Llama / Qwen family
     config, tensors = hf_llama.hf_config(cfg.model), hf_llama.params_to_hf(params, cfg.model)
     tok = tokenizer_lib.from_meta(tokenizer_meta)

@@ -40,6 +40,11 @@ FAMILIES = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=True, head_dim=32)),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        tie_word_embeddings=True, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+        norm_topk_prob=False)),
 }
 TEXTS = ["ROMEO: But, soft! what light through yonder window breaks?", "  leading spaces\tand\ttabs\n\nnewlines ",
          "déjà vu — naïve café ☕ 東京", "def f(x):\n    return x ** 2  # code", "3.14159 + 2,718 = 5.86; 1e-9"]
@@ -78,7 +83,10 @@ def test_logits_equal_transformers(family):
   name, model, _, imported = family
   cfg, _, params, _ = load_checkpoint(imported)
   assert (cfg.model.kv_heads, cfg.model.tie_embeddings, cfg.model.qkv_bias, cfg.model.qk_norm) == {
-      "llama": (2, False, False, False), "qwen2": (2, True, True, False), "qwen3": (2, True, False, True)}[name]
+      "llama": (2, False, False, False), "qwen2": (2, True, True, False), "qwen3": (2, True, False, True),
+      "mixtral": (2, False, False, False), "qwen3_moe": (2, True, False, True)}[name]
+  assert (cfg.model.n_experts, cfg.model.expert_size, cfg.model.moe_norm_topk) == {
+      "mixtral": (4, 96, True), "qwen3_moe": (4, 48, False)}.get(name, (0, 96, True))
   tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
   assert np.abs(gptjax_logits(cfg, params, tokens) - hf_logits(model, tokens)).max() <= 1e-4
 
@@ -211,7 +219,7 @@ def test_a_tokenizer_whose_template_starts_sequences_with_bos(tokenizer_json, tm
   assert tokenizer_lib.from_meta(ours.to_meta()).bos_id == 0
 
 
-@pytest.mark.parametrize("family", ["qwen3"], indirect=True)
+@pytest.mark.parametrize("family", ["qwen3", "mixtral"], indirect=True)
 def test_sharded_safetensors_import_like_one_file(family, tmp_path):
   _, model, hf_dir, imported = family
   model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
@@ -220,3 +228,24 @@ def test_sharded_safetensors_import_like_one_file(family, tmp_path):
   convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "gptjax"))
   again, original = load_checkpoint(tmp_path / "gptjax")[2], load_checkpoint(imported)[2]
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(original)))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe"], indirect=True)
+def test_dense_layers_among_the_sparse_ones_are_refused_in_one_line(family, tmp_path):
+  _, _, hf_dir, _ = family
+  shutil.copytree(hf_dir, tmp_path / "mixed")
+  config = json.loads((hf_dir / "config.json").read_text()) | {"mlp_only_layers": [1]}
+  (tmp_path / "mixed" / "config.json").write_text(json.dumps(config))
+  one_line_error(run_cli("convert", "import", tmp_path / "mixed", tmp_path / "out"),
+                 "dense layers among the sparse ones (mlp_only_layers=[1], decoder_sparse_step=1): not built yet")
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_mixture_exports_as_the_family_member_that_computes_it():
+  cfg = config_lib.load_config("moe_shakespeare_cpu", []).model
+  assert hf_llama.hf_config(cfg)["model_type"] == "mixtral"
+  assert hf_llama.hf_config(dataclasses.replace(cfg, qk_norm=True, moe_norm_topk=False))["model_type"] == "qwen3_moe"
+  with pytest.raises(UserError, match="always renormalises the chosen experts' weights"):
+    hf_llama.hf_config(dataclasses.replace(cfg, moe_norm_topk=False))
+  with pytest.raises(UserError, match="neither Mixtral nor Qwen3-MoE has a shared expert"):
+    hf_llama.hf_config(dataclasses.replace(cfg, shared_expert_hidden=64))
