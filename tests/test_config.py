@@ -10,7 +10,7 @@ from gptjax.errors import UserError
 
 # What each named config's header states: tokens per optimizer step, on any device count.
 STATED_TOKENS = {"gpt2_124m": 491_520, "smollm2_135m": 524_288, "llama3_2_1b": 524_288, "qwen3_0_6b": 524_288,
-                 "finetune_shakespeare": 32 * 1024}
+                 "qwen3_30b_a3b": 1_048_576, "finetune_shakespeare": 32 * 1024}
 
 
 def _train(**fields) -> config_lib.TrainConfig:

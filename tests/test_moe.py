@@ -179,3 +179,13 @@ def test_each_expert_is_a_matrix_of_its_own_for_muon_and_decayed_by_adamw():
   assert optim.muon_dimensions(mlp["router"]["kernel"]) is None  # [layers, embed, experts]: AdamW's
   decayed = optim.decay_mask(model_lib.abstract_params(MOE)[0])["h"]["mlp"]
   assert decayed["c_fc"]["kernel"] and decayed["c_proj"]["kernel"] and decayed["router"]["kernel"]
+
+
+def test_the_named_mixtures_have_their_published_sizes():
+  """Qwen3-30B-A3B: 30.5B parameters, 3.3B active; moe_shakespeare_cpu about llama_shakespeare_cpu's active size."""
+  big = config_lib.load_config("qwen3_30b_a3b").model
+  assert model_lib.count_params(model_lib.abstract_params(big)[0]) == 30_532_122_624
+  assert model_lib.active_params(big) == 3_353_032_704
+  small, dense = (config_lib.load_config(name, ["model.vocab_size=65"]).model
+                  for name in ("moe_shakespeare_cpu", "llama_shakespeare_cpu"))
+  assert abs(model_lib.active_params(small) / model_lib.count_params(model_lib.abstract_params(dense)[0]) - 1) < 0.01
