@@ -10,13 +10,15 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gptjax import config as config_lib
-from gptjax import optim
 from gptjax import model as model_lib
+from gptjax import optim
+from gptjax import train
 from gptjax.model import moe
 
-from conftest import run_cli, tiny
+from conftest import run_cli, tiny, tiny_config
 
 MOE = config_lib.ModelConfig(vocab_size=40, block_size=12, n_layer=2, n_head=2, n_embd=16, bias=False, norm="rmsnorm",
                              positions="rope", mlp="swiglu", tie_embeddings=False, n_experts=4, experts_per_token=2,
@@ -189,3 +191,23 @@ def test_the_named_mixtures_have_their_published_sizes():
   small, dense = (config_lib.load_config(name, ["model.vocab_size=65"]).model
                   for name in ("moe_shakespeare_cpu", "llama_shakespeare_cpu"))
   assert abs(model_lib.active_params(small) / model_lib.count_params(model_lib.abstract_params(dense)[0]) - 1) < 0.01
+
+
+def test_an_moe_run_on_a_mesh_of_8_matches_one_device(tmp_path, char_data):
+  """Data, FSDP and tensor parallelism at once (2 x 2 x 2): the experts' weights split over fsdp
+  (embed) and tensor (their hidden size), the same losses and parameters as one device."""
+  moe_model = ["model.n_experts=4", "model.experts_per_token=2", "model.expert_hidden=32", "model.mlp=swiglu",
+               "model.n_head=8", "train.max_iters=4", "train.eval_interval=4", "train.checkpoint_interval=4",
+               "train.batch_size=16", "train.grad_accum_steps=2"]
+
+  def run(name, devices, *overrides):
+    return train.train(tiny_config(tmp_path / name, f"data.dir={char_data}", *moe_model, *overrides),
+                       progress_bar=False, devices=devices)
+
+  (result, state), (reference, reference_state) = run("mesh", None, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), \
+      run("one", jax.devices()[:1])
+  assert result["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5),
+               jax.device_get(state.params), jax.device_get(reference_state.params))
+  fc = state.params["h"]["mlp"]["c_fc"]["kernel"]  # [layers, experts, embed, 2, hidden]
+  assert fc.sharding.is_equivalent_to(NamedSharding(fc.sharding.mesh, P(None, None, "fsdp", None, "tensor")), fc.ndim)
