@@ -234,7 +234,7 @@ def main(argv=None) -> None:
   tokens_BT = prompt_tokens(tok, args.prompt, cfg.block_size)
   intermediates = stage_shapes(cfg, tokens_BT)
   print(f"{source_line}: {cfg.n_layer} blocks, D={cfg.n_embd}, H={cfg.n_head}, G={cfg.kv_heads}, K={cfg.head_size}, "
-        f"F={cfg.expert_size if cfg.n_experts else cfg.mlp_size}, "
+        f"F={facts(cfg)['F']}, "
         f"{f'E={cfg.n_experts} (k={cfg.experts_per_token}), ' if cfg.n_experts else ''}V={cfg.padded_vocab}; "
         f"prompt {args.prompt!r} is {tokens_BT.shape[1]} tokens")
   print(format_table([("stage", "shape", "what it is"), *stage_rows(cfg, intermediates, tokens_BT, layers)]))

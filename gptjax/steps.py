@@ -24,9 +24,6 @@ from gptjax import sharding
 from gptjax.model import documents as documents_lib
 
 
-ROUTER_METRICS = {"load_balancing": "router_balance", "router_z": "router_z"}  # as logged, unweighted
-
-
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -39,7 +36,7 @@ def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformatio
                     split_documents: Callable | None = None):
   """`split_documents`: inputs [B, T] -> `documents.Documents` (document masking), or None."""
   z_loss = optim_cfg.z_loss
-  router_weights = {"load_balancing": optim_cfg.router_aux_loss, "router_z": optim_cfg.router_z_loss}
+  router_weights = {"router_balance": optim_cfg.router_aux_loss, "router_z": optim_cfg.router_z_loss}
 
   def loss_fn(params, inputs, targets, dropout_key):
     """What is differentiated: the cross-entropy, plus z_loss times the mean squared log-partition
@@ -72,7 +69,7 @@ def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformatio
     metrics = {"loss": nll.mean(), "grad_norm": jnp.sqrt(sum(jnp.square(n) for n in grad_norms.values())),
                "lr": schedule(state.step), "grad_norms": grad_norms,
                **({"z_loss": z_loss * z_square.mean()} if z_loss else {}),
-               **{ROUTER_METRICS[name]: value.mean() for name, value in router.items()},
+               **{name: value.mean() for name, value in router.items()},  # unweighted, as the log shows them
                **optim.non_finite_steps(opt_state)}
     return new_state, metrics
 

@@ -13,6 +13,14 @@ from gptjax.config import ModelConfig
 from gptjax.model.layers import axes, compute_dtype, sow
 
 
+def activate(h, swiglu: bool):
+  """SwiGLU's silu(gate) * up of h [..., 2, F] (gate, then up), or the tanh GELU of h [..., F]."""
+  if swiglu:
+    gate, up = jnp.split(h, 2, axis=-2)  # one split: its gradient is one concatenation
+    return (jax.nn.silu(gate) * up)[..., 0, :]
+  return jax.nn.gelu(h, approximate=True)
+
+
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -31,12 +39,11 @@ class MLP(nnx.Module):
     if self.swiglu:
       gate_up_BT2F = sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", None, "mlp"))
       sow(self, "gate_and_up", gate_up_BT2F)
-      gate_BT1F, up_BT1F = jnp.split(gate_up_BT2F, 2, axis=2)  # one split: its gradient is one concatenation
-      h_BTF = (jax.nn.silu(gate_BT1F) * up_BT1F)[:, :, 0]
+      h_BTF = activate(gate_up_BT2F, True)
     else:
       up_BTF = sharding.constrain(self.c_fc(x_BTD), ("batch", "sequence", "mlp"))
       sow(self, "up", up_BTF)
-      h_BTF = jax.nn.gelu(up_BTF, approximate=True)
+      h_BTF = activate(up_BTF, False)
     sow(self, "activation", h_BTF)
     y_BTD = self.c_proj(h_BTF)
     sow(self, "down", y_BTD)

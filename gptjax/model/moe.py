@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
+from gptjax.model import mlp
 from gptjax.model.layers import axes, compute_dtype, platform, sow
 from gptjax.model.mlp import MLP
 
@@ -63,11 +64,12 @@ def tiled_matmul(x_MD, w_EDF, group_sizes_E):
   tile = min(TILE, 1 << max(0, (-(-rows // experts) - 1).bit_length()))
   n_tiles = -(-rows // tile) + experts  # enough for every group padded up to whole tiles
   padded_E = -(-group_sizes_E // tile) * tile
-  padded_start_E = jnp.cumsum(padded_E) - padded_E
+  padded_end_E = jnp.cumsum(padded_E)
   group_M = jnp.repeat(jnp.arange(experts), group_sizes_E, total_repeat_length=rows)
-  place_M = padded_start_E[group_M] + jnp.arange(rows) - (jnp.cumsum(group_sizes_E) - group_sizes_E)[group_M]
+  start_E, padded_start_E = jnp.cumsum(group_sizes_E) - group_sizes_E, padded_end_E - padded_E
+  place_M = padded_start_E[group_M] + jnp.arange(rows) - start_E[group_M]  # each row's place in the tiles
   x_RD = jnp.zeros((n_tiles * tile, x_MD.shape[1]), x_MD.dtype).at[place_M].set(x_MD)
-  tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_tiles) * tile, side="right"),
+  tile_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_tiles) * tile, side="right"),
                             experts - 1)  # the tiles past the last group hold zeros: any matrix serves
   y_RF = jnp.einsum("ntd,ndf->ntf", x_RD.reshape(n_tiles, tile, -1), jnp.take(w_EDF, tile_expert, axis=0))
   return jnp.take(y_RF.reshape(n_tiles * tile, -1), place_M, axis=0)
@@ -123,7 +125,7 @@ class MoE(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, x_BTD, dropout_key: jax.Array | None):
-    """-> (output [B, T, D], {"load_balancing": scalar, "router_z": scalar})."""
+    """-> (output [B, T, D], {"router_balance": the load-balancing loss, "router_z": the router z-loss})."""
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
     batch, length, width = x_BTD.shape
     x_ND = x_BTD.reshape(-1, width)
@@ -141,11 +143,9 @@ class MoE(nnx.Module):
     y_BTD = self.dropout(y_BTD, deterministic=experts_key is None, rngs=experts_key)
     if cfg.shared_expert_hidden:
       y_BTD = y_BTD + self.shared(x_BTD, shared_key)
-    stats = {"load_balancing": load_balancing_loss(probs_NE, experts_NK), "router_z": router_z_loss(logits_NE)}
+    stats = {"router_balance": load_balancing_loss(probs_NE, experts_NK), "router_z": router_z_loss(logits_NE)}
     return y_BTD, stats
 
   def _activation(self, h_MF):
-    if self.swiglu:
-      gate_MF, up_MF = jnp.split(h_MF, 2, axis=-1)
-      return jax.nn.silu(gate_MF) * up_MF
-    return jax.nn.gelu(h_MF, approximate=True)
+    """[M, 2F] (SwiGLU's gate, then up) or [M, F] -> [M, F], as the dense MLP's."""
+    return mlp.activate(h_MF.reshape(h_MF.shape[0], 2, -1) if self.swiglu else h_MF, self.swiglu)
