@@ -98,7 +98,7 @@ class ModelConfig:
   expert_hidden: int = 0
   shared_expert_hidden: int = 0
   moe_norm_topk: bool = True
-  # The experts' grouped matmuls: ragged_dot (jax.lax.ragged_dot: grouped GEMMs on GPUs and TPUs),
+  # The experts' grouped matmuls: ragged_dot (jax.lax.ragged_dot, XLA's grouped matmul op, for accelerators),
   # tiled (groups padded to tiles, one batched matmul: for CPUs, where XLA computes ragged_dot as
   # every token times every expert), or auto: tiled on CPUs, ragged_dot elsewhere.
   moe_matmul: str = "auto"

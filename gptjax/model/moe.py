@@ -5,7 +5,7 @@ output, weighted by their router probabilities (renormalised over the k where
 
 Dropless: every one of the N x k (token, expert) choices is computed, none dropped for capacity.
 The choices are sorted by expert and run through two grouped matmuls, one group of rows per
-expert (`model.moe_matmul`: `jax.lax.ragged_dot`, grouped GEMMs on GPUs and TPUs; on a CPU, where
+expert (`model.moe_matmul`: `jax.lax.ragged_dot`, XLA's grouped matmul, for accelerators; on a CPU, where
 XLA computes ragged_dot densely, `tiled_matmul`), then put back in token order and summed with
 their weights; no [tokens, experts] dispatch computes every expert for every token.
 
@@ -95,7 +95,7 @@ MATMULS = {"ragged_dot": jax.lax.ragged_dot, "tiled": tiled_matmul}
 
 
 def matmul_kernel(cfg: ModelConfig) -> str:
-  """model.moe_matmul, where auto is tiled on a CPU and ragged_dot (grouped GEMMs) elsewhere."""
+  """model.moe_matmul, where auto is tiled on a CPU and ragged_dot elsewhere."""
   if cfg.moe_matmul != "auto":
     return cfg.moe_matmul
   return "tiled" if platform() == "cpu" else "ragged_dot"
