@@ -124,6 +124,7 @@ def test_export_loads_in_transformers_bit_equal_and_imports_back(family, tmp_pat
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(again[2]), jax.tree.leaves(original[2])))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"], indirect=True)  # what no expert changes
 def test_tokenizer_ids_equal_transformers_fast_tokenizer(family):
   _, _, hf_dir, imported = family
   tok = load_checkpoint(imported)[1]
@@ -133,6 +134,7 @@ def test_tokenizer_ids_equal_transformers_fast_tokenizer(family):
     assert tok.decode(tok.encode(text)) == reference.decode(reference(text)["input_ids"]), text
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"], indirect=True)  # what no expert changes
 def test_the_sample_command_reads_an_imported_llama(family):
   _, _, _, imported = family
   result = run_cli("sample", "--checkpoint", imported, "--prompt", "ROMEO:", "--num-samples", 1,
@@ -140,6 +142,7 @@ def test_the_sample_command_reads_an_imported_llama(family):
   assert result.returncode == 0 and result.stdout.startswith("ROMEO:"), result.stderr
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"], indirect=True)  # what no expert changes
 def test_grouped_query_attention_caches_only_the_key_value_heads(family):
   name, _, _, imported = family
   cfg = load_checkpoint(imported)[0].model
@@ -154,6 +157,7 @@ def test_grouped_query_attention_caches_only_the_key_value_heads(family):
   assert "(2 key/value heads for 4 query heads)" in metrics.kv_cache_report(cfg)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"], indirect=True)  # what no expert changes
 def test_unsupported_family_members_are_refused_in_one_line(family, tmp_path):
   _, _, hf_dir, _ = family
   shutil.copytree(hf_dir, tmp_path / "gelu")

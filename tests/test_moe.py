@@ -33,11 +33,12 @@ def _per_token_loop(layer: moe.MoE, x_BTD):
   probs_NE = jax.nn.softmax(x_ND @ layer.router.kernel[...], axis=-1)
   outputs = []
   for n in range(x_ND.shape[0]):
-    chosen = np.argsort(-np.asarray(jax.lax.stop_gradient(probs_NE[n])), kind="stable")[:cfg.experts_per_token]
+    chosen = jnp.argsort(-jax.lax.stop_gradient(probs_NE[n]), stable=True)[:cfg.experts_per_token]
     weights = probs_NE[n, chosen]
     weights = weights / weights.sum() if cfg.moe_norm_topk else weights
     y_D = jnp.zeros(cfg.n_embd)
-    for e, w in zip(chosen, weights):
+    for i in range(cfg.experts_per_token):
+      e, w = chosen[i], weights[i]
       h = x_ND[n] @ layer.c_fc.kernel[...][e].reshape(cfg.n_embd, -1)
       if cfg.mlp == "swiglu":
         gate, up = jnp.split(h, 2)
@@ -67,8 +68,8 @@ def test_routed_experts_equal_a_loop_over_each_tokens_choices(overrides):
     return layer(x_BTD, None)[0]
 
   np.testing.assert_allclose(routed(layer, x_BTD), _per_token_loop(layer, x_BTD), rtol=1e-5, atol=1e-6)
-  grads = jax.grad(weighted, argnums=(1, 2))(routed, params, x_BTD)
-  expected = jax.grad(weighted, argnums=(1, 2))(_per_token_loop, params, x_BTD)
+  grads = jax.jit(jax.grad(weighted, argnums=(1, 2)), static_argnums=0)(routed, params, x_BTD)
+  expected = jax.jit(jax.grad(weighted, argnums=(1, 2)), static_argnums=0)(_per_token_loop, params, x_BTD)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
@@ -146,12 +147,13 @@ def test_an_moe_model_decodes_with_its_cache_as_its_full_forward():
   cfg = dataclasses.replace(MOE, shared_expert_hidden=8)
   params = model_lib.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, cfg.block_size), 0, cfg.vocab_size)
-  model = model_lib.bind(cfg, params)
-  logits = model(tokens)
-  next_logits, cache = model.prefill(tokens[:, :6], cfg.block_size)
+  logits = jax.jit(lambda params: model_lib.bind(cfg, params)(tokens))(params)
+  prefill = jax.jit(lambda params, prompt: model_lib.bind(cfg, params).prefill(prompt, cfg.block_size))
+  decode = jax.jit(lambda params, token, cache: model_lib.bind(cfg, params).decode(token, cache))
+  next_logits, cache = prefill(params, tokens[:, :6])
   np.testing.assert_allclose(next_logits, logits[:, 5], rtol=1e-5, atol=1e-5)
   for t in range(6, cfg.block_size):
-    next_logits, cache = model.decode(tokens[:, t:t + 1], cache)
+    next_logits, cache = decode(params, tokens[:, t:t + 1], cache)
     np.testing.assert_allclose(next_logits, logits[:, t], rtol=1e-5, atol=1e-5)
 
 
