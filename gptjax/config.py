@@ -92,8 +92,11 @@ class ModelConfig:
   # n_experts experts (SwiGLU or GELU, as model.mlp) of expert_hidden each (0: mlp_hidden), of
   # which a router picks experts_per_token per token, their weights renormalised to sum to 1 where
   # moe_norm_topk (Qwen3-MoE's norm_topk_prob; Mixtral's always); plus a shared expert of
-  # shared_expert_hidden that every token passes through (DeepSeek's; 0: none).
+  # shared_expert_hidden that every token passes through (DeepSeek's; 0: none). The layers (from 0)
+  # in dense_layers keep a dense MLP of mlp_hidden (Qwen3-MoE's mlp_only_layers, DeepSeek's first
+  # layers), e.g. model.dense_layers=[0,1].
   n_experts: int = 0
+  dense_layers: tuple[int, ...] = ()
   experts_per_token: int = 2
   expert_hidden: int = 0
   shared_expert_hidden: int = 0
@@ -106,6 +109,16 @@ class ModelConfig:
   @property
   def expert_size(self) -> int:
     return self.expert_hidden or self.mlp_size
+
+  def layer_stacks(self) -> tuple[tuple[str, int], ...]:
+    """Where each layer's parameters are: (the stacked blocks, the layer's index in them). "h" holds
+    the model's blocks (a mixture's sparse ones), "h_dense" the dense layers among them."""
+    counts, places = {"h": 0, "h_dense": 0}, []
+    for layer in range(self.n_layer):
+      stack = "h_dense" if layer in self.dense_layers else "h"
+      places.append((stack, counts[stack]))
+      counts[stack] += 1
+    return tuple(places)
 
   @property
   def position_limit(self) -> int:
@@ -228,6 +241,7 @@ class MeshConfig:
 
   data: int = -1
   fsdp: int = 1
+  expert: int = 1  # a mixture's experts split over this many devices (and the batch, as over data)
   tensor: int = 1
 
 
@@ -248,7 +262,7 @@ class TrainConfig:
   init_from: str = ""  # a checkpoint dir to fine-tune: its architecture and weights, a fresh optimizer
   # The batch: batch_size sequences per optimizer step over all devices (tokens per step: batch_size
   # x model.block_size, whatever the device count), in grad_accum_steps micro-steps of
-  # device_batch_size sequences on each of the data*fsdp devices. Set either of the two (or
+  # device_batch_size sequences on each of the data*fsdp*expert devices. Set either of the two (or
   # neither: the whole batch in one micro-step); the other is worked out (`micro_batches`).
   batch_size: int = 12
   device_batch_size: int = 0  # sequences per device per micro-step; 0: worked out
@@ -274,10 +288,10 @@ class TrainConfig:
 
   def micro_batches(self, shards: int) -> tuple[int, int]:
     """(sequences per micro-step over all devices, micro-steps per optimizer step) on `shards`
-    batch shards (data*fsdp devices); a split that does not come out whole is a UserError."""
+    batch shards (data*fsdp*expert devices); a split that does not come out whole is a UserError."""
     per_device, rest = divmod(self.batch_size, shards)
     if rest:
-      raise UserError(f"train.batch_size={self.batch_size} is not divisible by data*fsdp={shards} devices: "
+      raise UserError(f"train.batch_size={self.batch_size} is not divisible by data*fsdp*expert={shards} devices: "
                       f"set a multiple of {shards}")
     if self.device_batch_size and self.grad_accum_steps:
       if self.device_batch_size * self.grad_accum_steps != per_device:
@@ -430,6 +444,11 @@ def validate(cfg: Config) -> Config:
       (m.mlp in ("gelu", "swiglu"), f"model.mlp={m.mlp!r} is not gelu or swiglu"),
       (m.n_experts == 0 or 0 < m.experts_per_token <= m.n_experts,
        f"model.experts_per_token={m.experts_per_token} is not in [1, model.n_experts={m.n_experts}]"),
+      (not m.dense_layers or m.n_experts, "model.dense_layers needs a mixture of experts (model.n_experts > 0)"),
+      (len(set(m.dense_layers)) == len(m.dense_layers) and all(0 <= i < m.n_layer for i in m.dense_layers),
+       f"model.dense_layers={list(m.dense_layers)} is not a list of distinct layers in [0, model.n_layer={m.n_layer})"),
+      (len(m.dense_layers) < m.n_layer,
+       f"model.dense_layers={list(m.dense_layers)} makes every layer dense: a dense model is model.n_experts=0"),
       (m.moe_matmul in MOE_MATMULS, f"model.moe_matmul={m.moe_matmul!r} is not one of {', '.join(MOE_MATMULS)}"),
       (min(m.n_experts, m.expert_hidden, m.shared_expert_hidden) >= 0,
        "model.n_experts, expert_hidden and shared_expert_hidden must be >= 0 (0: dense, derived, none)"),

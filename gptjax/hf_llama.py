@@ -51,9 +51,6 @@ def model_config_from_hf(hf: dict, source: str) -> config_lib.ModelConfig:
       (family == "qwen2" or not hf.get("attention_bias", False), "attention_bias=true"),
       (not hf.get("use_sliding_window", False) and (family != "mixtral" or hf.get("sliding_window") is None),
        "sliding-window attention"),
-      (family != "qwen3_moe" or (not hf.get("mlp_only_layers") and hf.get("decoder_sparse_step", 1) == 1),
-       f"dense layers among the sparse ones (mlp_only_layers={hf.get('mlp_only_layers')}, decoder_sparse_step="
-       f"{hf.get('decoder_sparse_step')}): not built yet, gptjax's mixtures are sparse in every layer"),
   ]
   for ok, what in checks:
     if not ok:
@@ -86,7 +83,9 @@ def _experts_from_hf(hf: dict, family: str) -> dict:
                 expert_hidden=hf["intermediate_size"], moe_norm_topk=True)
   experts = hf.get("num_experts", hf.get("num_local_experts"))  # the hub's name, transformers 5's
   if family == "qwen3_moe" and experts:
-    return dict(n_experts=experts, experts_per_token=hf["num_experts_per_tok"],
+    step = hf.get("decoder_sparse_step", 1)  # layer i is sparse where (i + 1) % step == 0, unless listed
+    dense = sorted(set(hf.get("mlp_only_layers") or ()) | {i for i in range(hf["num_hidden_layers"]) if (i + 1) % step})
+    return dict(n_experts=experts, experts_per_token=hf["num_experts_per_tok"], dense_layers=tuple(dense),
                 expert_hidden=hf["moe_intermediate_size"], moe_norm_topk=bool(hf.get("norm_topk_prob", False)))
   return {}
 
@@ -97,14 +96,14 @@ def _experts_to_hf(cfg: config_lib.ModelConfig) -> tuple[str, dict]:
     raise UserError("model.shared_expert_hidden: neither Mixtral nor Qwen3-MoE has a shared expert, so Hugging "
                     "Face cannot hold this model; the checkpoint works with every gptjax command")
   if not cfg.qk_norm:
-    if cfg.qkv_bias or not cfg.moe_norm_topk:
-      raise UserError("a mixture without q/k norm exports as Mixtral, which has no q/k/v biases and always "
-                      "renormalises the chosen experts' weights (model.moe_norm_topk=true)")
+    if cfg.qkv_bias or not cfg.moe_norm_topk or cfg.dense_layers:
+      raise UserError("a mixture without q/k norm exports as Mixtral, which has no q/k/v biases, no dense layers "
+                      "(model.dense_layers) and always renormalises the chosen experts' weights (model.moe_norm_topk=true)")
     return "mixtral", {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
                        "intermediate_size": cfg.expert_size, "sliding_window": None}
   return "qwen3_moe", {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
                        "moe_intermediate_size": cfg.expert_size, "norm_topk_prob": cfg.moe_norm_topk,
-                       "decoder_sparse_step": 1, "mlp_only_layers": []}
+                       "decoder_sparse_step": 1, "mlp_only_layers": list(cfg.dense_layers)}
 
 
 def hf_config(cfg: config_lib.ModelConfig) -> dict:
@@ -180,7 +179,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: config_lib.ModelConfig, 
   if not cfg.tie_embeddings:
     flat[("lm_head", "kernel")] = np.pad(take("lm_head.weight", (cfg.vocab_size, D)), pad).T
   layers = []
-  for i in range(cfg.n_layer):
+  for i, (stack, _) in enumerate(cfg.layer_stacks()):
     p = f"model.layers.{i}."
     q = _linear_in(take(p + "self_attn.q_proj.weight", (H * K, D)), H, K)
     k = _linear_in(take(p + "self_attn.k_proj.weight", (G * K, D)), G, K)
@@ -188,7 +187,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: config_lib.ModelConfig, 
     layer = {("ln_1", "scale"): take(p + "input_layernorm.weight", (D,)),
              ("ln_2", "scale"): take(p + "post_attention_layernorm.weight", (D,)),
              ("attn", "c_proj", "kernel"): take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D),
-             **(_experts_in(take, p, cfg, family) if cfg.n_experts else {
+             **(_experts_in(take, p, cfg, family) if stack == "h" and cfg.n_experts else {
                  ("mlp", "c_fc", "kernel"): np.stack([take(p + "mlp.gate_proj.weight", (F, D)).T,
                                                       take(p + "mlp.up_proj.weight", (F, D)).T], axis=1),
                  ("mlp", "c_proj", "kernel"): take(p + "mlp.down_proj.weight", (D, F)).T})}
@@ -205,14 +204,15 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: config_lib.ModelConfig, 
     if cfg.qk_norm:
       layer[("attn", "q_norm", "scale")] = take(p + "self_attn.q_norm.weight", (K,))
       layer[("attn", "k_norm", "scale")] = take(p + "self_attn.k_norm.weight", (K,))
-    layers.append(layer)
+    layers.append((stack, layer))
   if cfg.tie_embeddings:
     tensors.pop("lm_head.weight", None)  # a tied head may be stored as a copy
   if tensors:
     unexpected = sorted(tensors)
     raise UserError(f"{source}: unexpected tensors ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
-  for path in layers[0]:
-    flat[("h", *path)] = np.stack([layer[path] for layer in layers])
+  for stack in {stack for stack, _ in layers}:
+    same = [layer for kind, layer in layers if kind == stack]
+    flat |= {(stack, *path): np.stack([layer[path] for layer in same]) for path in same[0]}
   return traverse_util.unflatten_dict(flat)
 
 
@@ -224,8 +224,8 @@ def params_to_hf(params, cfg: config_lib.ModelConfig) -> dict[str, np.ndarray]:
   tensors = {"model.embed_tokens.weight": flat[("wte", "embedding")][:V], "model.norm.weight": flat[("ln_f", "scale")]}
   if not cfg.tie_embeddings:
     tensors["lm_head.weight"] = flat[("lm_head", "kernel")][:, :V].T
-  for i in range(cfg.n_layer):
-    get = lambda *path: flat[("h", *path)][i]  # noqa: E731
+  for i, (stack, index) in enumerate(cfg.layer_stacks()):
+    get = lambda *path: flat[(stack, *path)][index]  # noqa: E731
     p = f"model.layers.{i}."
     fused = G == H
     q = get("attn", "c_attn", "kernel")[:, 0] if fused else get("attn", "q_attn", "kernel")
@@ -234,7 +234,7 @@ def params_to_hf(params, cfg: config_lib.ModelConfig) -> dict[str, np.ndarray]:
                 p + "self_attn.q_proj.weight": q.reshape(D, H * K).T, p + "self_attn.k_proj.weight": kv[:, 0].reshape(D, G * K).T,
                 p + "self_attn.v_proj.weight": kv[:, 1].reshape(D, G * K).T,
                 p + "self_attn.o_proj.weight": get("attn", "c_proj", "kernel").reshape(H * K, D).T,
-                **(_experts_out(get, p, cfg, family) if cfg.n_experts else {
+                **(_experts_out(get, p, cfg, family) if stack == "h" and cfg.n_experts else {
                     p + "mlp.gate_proj.weight": get("mlp", "c_fc", "kernel")[:, 0].T,
                     p + "mlp.up_proj.weight": get("mlp", "c_fc", "kernel")[:, 1].T,
                     p + "mlp.down_proj.weight": get("mlp", "c_proj", "kernel").T})}

@@ -54,14 +54,14 @@ class LogMetrics:
   consecutive ones."""
 
   def __init__(self, log: Callable[[str], None], throughput: metrics_lib.Throughput, bar, max_bad_steps: int,
-               run_record: record.Record | None):
+               run_record: record.Record | None, layer_stacks: tuple = ()):
     self.log, self.throughput, self.bar, self.max_bad_steps = log, throughput, bar, max_bad_steps
-    self.record = run_record
+    self.record, self.layer_stacks = run_record, layer_stacks
 
   def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
     values = jax.device_get(step_metrics)  # waits for the step: the timing below is honest
     tokens_per_s, mfu = self.throughput.measure(step)
-    param_norms = metrics_lib.param_norms(state.params)  # on every process: a program over the whole mesh
+    param_norms = metrics_lib.param_norms(state.params, self.layer_stacks)  # on every process: a program over the whole mesh
     skipped = f", skipped {values['skipped']} non-finite steps so far" if values["skipped"] else ""
     extra = [name for name in OPTIONAL_LOSSES if name in values]  # z-loss, a mixture's router losses
     losses = "".join(f", {OPTIONAL_LOSSES[name]} {values[name]:{'.2e' if name == 'z_loss' else '.3f'}}"

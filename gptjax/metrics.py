@@ -27,20 +27,23 @@ PEAK_FLOPS = {
 }
 
 
-def norms_by_group(tree: dict) -> dict:
+def norms_by_group(tree: dict, layer_stacks: tuple = ()) -> dict:
   """The L2 norm of each group of a parameter-shaped tree: every layer of the stacked blocks
-  ("layer_00", ...), then each other top-level module (wte, wpe, ln_f, lm_head)."""
+  ("layer_00", ...; where each is, `ModelConfig.layer_stacks`, default: all in h), then each other
+  top-level module (wte, wpe, ln_f, lm_head)."""
+  stacks = [name for name in ("h", "h_dense") if name in tree]
   squares = {name: sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(sub))
-             for name, sub in tree.items() if name != "h"}
-  per_layer = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
-                  for leaf in jax.tree.leaves(tree["h"]))  # [n_layer]
-  width = len(str(len(per_layer) - 1))
-  squares |= {f"layer_{i:0{width}d}": per_layer[i] for i in range(len(per_layer))}
+             for name, sub in tree.items() if name not in stacks}
+  per_layer = {name: sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
+                         for leaf in jax.tree.leaves(tree[name])) for name in stacks}  # [layers in the stack]
+  layer_stacks = layer_stacks or tuple(("h", i) for i in range(len(per_layer["h"])))
+  width = len(str(len(layer_stacks) - 1))
+  squares |= {f"layer_{i:0{width}d}": per_layer[stack][index] for i, (stack, index) in enumerate(layer_stacks)}
   return {name: jnp.sqrt(square) for name, square in squares.items()}
 
 
 # The parameters' norms, computed at log steps only (the train step returns the gradients' own).
-param_norms = jax.jit(norms_by_group)
+param_norms = jax.jit(norms_by_group, static_argnums=1)
 
 
 def peak_flops(device_kind: str) -> float:

@@ -2,9 +2,10 @@
 it, and multi-process start-up.
 
 Parallelism is chosen by the mesh shape alone (`MeshConfig`): data parallelism splits the batch
-over "data"; FSDP (ZeRO-3) splits the batch and every parameter's embed axis over "fsdp"; tensor
-parallelism (Megatron) splits attention heads, the MLP hidden axis and the vocabulary over
-"tensor". The model names the axes of its parameters and activations (see `gptjax.model`); the
+over "data"; FSDP (ZeRO-3) splits the batch and every parameter's embed axis over "fsdp"; expert
+parallelism splits a mixture's experts over "expert", and the batch too (outside the experts it is
+one more data axis; `gptjax.model.moe` exchanges the tokens); tensor parallelism (Megatron) splits
+attention heads, the MLP hidden axis and the vocabulary over "tensor". The model names the axes of its parameters and activations (see `gptjax.model`); the
 one table below maps them. Rules are tried in order and a mesh axis serves at most one dimension
 of an array, so an activation [batch, sequence, embed] keeps its embed axis whole: "fsdp" already
 splits its batch. A parameter dimension that a mesh axis does not divide (a vocabulary of 77 over
@@ -23,11 +24,12 @@ from gptjax import config as config_lib
 from gptjax.config import DistributedConfig, MeshConfig
 from gptjax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes that split a batch
 
 LOGICAL_AXIS_RULES = (
     ("layers", None),  # the stacked blocks' leading axis
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("sequence", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -35,7 +37,7 @@ LOGICAL_AXIS_RULES = (
     ("kv_heads", "tensor"),  # grouped-query attention's key/value heads: split where tensor divides them
     ("mlp", "tensor"),
     ("kv", None),
-    ("experts", None),  # a mixture's experts
+    ("experts", "expert"),  # a mixture's experts
 )
 
 
@@ -57,7 +59,7 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
-  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+  sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
   if sizes.count(-1) > 1:
     raise UserError("at most one mesh axis may be -1")
   fixed = math.prod(s for s in sizes if s != -1)
@@ -66,7 +68,7 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
       raise UserError(f"mesh axes {sizes} do not divide the {n_devices} devices")
     sizes[sizes.index(-1)] = n_devices // fixed
   if math.prod(sizes) != n_devices:
-    raise UserError(f"mesh data*fsdp*tensor = {math.prod(sizes)} but there are {n_devices} devices")
+    raise UserError(f"mesh data*fsdp*expert*tensor = {math.prod(sizes)} but there are {n_devices} devices")
   return tuple(sizes)
 
 
@@ -121,7 +123,7 @@ def fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 # What lets a dimension split, by its logical axis: printed beside a parameter the mesh cannot split.
 _MAKES_IT_SPLIT = {"vocab": "model.vocab_multiple a multiple of {size}", "heads": "model.n_head a multiple of {size}",
                    "kv_heads": "model.n_kv_head a multiple of {size}", "mlp": "model.mlp_hidden a multiple of {size}",
-                   "embed": "model.n_embd a multiple of {size}"}
+                   "embed": "model.n_embd a multiple of {size}", "experts": "model.n_experts a multiple of {size}"}
 
 
 def unsplit_report(shapes, names, mesh: Mesh) -> list[str]:
@@ -162,13 +164,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def rows_sharding(mesh: Mesh) -> NamedSharding:
-  """For arrays whose first axis is a batch: split over data and fsdp."""
-  return NamedSharding(mesh, P(("data", "fsdp")))
+  """For arrays whose first axis is a batch: split over the batch axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def batch_shards(mesh: Mesh | None) -> int:
   """How many ways the batch is split (1 without a mesh): a batch must be a multiple of this."""
-  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  return 1 if mesh is None else math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
 def on_mesh(mesh: Mesh | None):
@@ -182,8 +184,8 @@ def put_rows(arrays, mesh: Mesh | None):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """For token batches shaped [accum, batch, block]: the batch axis is split over data and fsdp."""
-  return NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+  """For token batches shaped [accum, batch, block]: the batch axis is split over the batch axes."""
+  return NamedSharding(mesh, P(None, BATCH_AXES, None))
 
 
 def put_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:

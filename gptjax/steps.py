@@ -65,7 +65,7 @@ def make_train_step(cfg: config_lib.ModelConfig, tx: optax.GradientTransformatio
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-    grad_norms = metrics_lib.norms_by_group(grads)  # the global norm from the same sums
+    grad_norms = metrics_lib.norms_by_group(grads, cfg.layer_stacks())  # the global norm from the same sums
     metrics = {"loss": nll.mean(), "grad_norm": jnp.sqrt(sum(jnp.square(n) for n in grad_norms.values())),
                "lr": schedule(state.step), "grad_norms": grad_norms,
                **({"z_loss": z_loss * z_square.mean()} if z_loss else {}),

@@ -232,7 +232,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     profiler = profile.Profile(t.out_dir, *(t.profile_steps or (-1, -1)), log, steps.train.as_text() if t.profile else "")
     sample_text = t.sample_tokens and run_record is not None and jax.process_count() == 1  # see SampleText
     loop_hooks = [
-        hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps, run_record), every=(t.log_interval,)),
+        hooks.Hook(hooks.LogMetrics(log, throughput, bar, t.max_bad_steps, run_record, cfg.model.layer_stacks()),
+                   every=(t.log_interval,)),
         hooks.Hook(evaluation, every=(t.eval_interval,)),
         *([hooks.Hook(hooks.SampleText(cfg, tok, sample_prompt, mesh, run_record, throughput),
                       every=(t.eval_interval,))] if sample_text else []),

@@ -40,7 +40,7 @@ def test_either_setting_works_out_the_other():
 
 
 def test_batches_that_do_not_split_are_one_line_errors_that_name_a_fix():
-  with pytest.raises(UserError, match=r"train.batch_size=12 is not divisible by data\*fsdp=8 devices: set a multiple of 8"):
+  with pytest.raises(UserError, match=r"train.batch_size=12 is not divisible by data\*fsdp\*expert=8 devices: set a multiple of 8"):
     _train(batch_size=12).micro_batches(8)
   with pytest.raises(UserError, match=r"480 over 16 devices is 30 sequences per device, not a multiple of "
                                       r"train.device_batch_size=12: .* a divisor of 30 \(e.g. 10\), or "

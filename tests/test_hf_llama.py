@@ -44,7 +44,7 @@ FAMILIES = {
         tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
         tie_word_embeddings=True, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-        norm_topk_prob=False)),
+        norm_topk_prob=False, mlp_only_layers=[0])),  # a dense layer before the sparse one
 }
 TEXTS = ["ROMEO: But, soft! what light through yonder window breaks?", "  leading spaces\tand\ttabs\n\nnewlines ",
          "déjà vu — naïve café ☕ 東京", "def f(x):\n    return x ** 2  # code", "3.14159 + 2,718 = 5.86; 1e-9"]
@@ -85,8 +85,8 @@ def test_logits_equal_transformers(family):
   assert (cfg.model.kv_heads, cfg.model.tie_embeddings, cfg.model.qkv_bias, cfg.model.qk_norm) == {
       "llama": (2, False, False, False), "qwen2": (2, True, True, False), "qwen3": (2, True, False, True),
       "mixtral": (2, False, False, False), "qwen3_moe": (2, True, False, True)}[name]
-  assert (cfg.model.n_experts, cfg.model.expert_size, cfg.model.moe_norm_topk) == {
-      "mixtral": (4, 96, True), "qwen3_moe": (4, 48, False)}.get(name, (0, 96, True))
+  assert (cfg.model.n_experts, cfg.model.expert_size, cfg.model.moe_norm_topk, cfg.model.dense_layers) == {
+      "mixtral": (4, 96, True, ()), "qwen3_moe": (4, 48, False, (0,))}.get(name, (0, 96, True, ()))
   tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
   assert np.abs(gptjax_logits(cfg, params, tokens) - hf_logits(model, tokens)).max() <= 1e-4
 
@@ -234,15 +234,17 @@ def test_sharded_safetensors_import_like_one_file(family, tmp_path):
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(original)))
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe"], indirect=True)
-def test_dense_layers_among_the_sparse_ones_are_refused_in_one_line(family, tmp_path):
-  _, _, hf_dir, _ = family
-  shutil.copytree(hf_dir, tmp_path / "mixed")
-  config = json.loads((hf_dir / "config.json").read_text()) | {"mlp_only_layers": [1]}
-  (tmp_path / "mixed" / "config.json").write_text(json.dumps(config))
-  one_line_error(run_cli("convert", "import", tmp_path / "mixed", tmp_path / "out"),
-                 "dense layers among the sparse ones (mlp_only_layers=[1], decoder_sparse_step=1): not built yet")
-  assert not (tmp_path / "out").exists()
+def test_qwen3_moe_dense_layers_are_its_mlp_only_layers_and_the_steps_between_sparse_ones():
+  """transformers: layer i is sparse where it is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
+  hf = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 50, "max_position_embeddings": 32, "num_hidden_layers": 6,
+        "num_attention_heads": 2, "hidden_size": 16, "intermediate_size": 24, "rms_norm_eps": 1e-6, "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 8, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+  cfg = hf_llama.model_config_from_hf(hf, "hf")
+  assert cfg.dense_layers == (0, 2, 3, 4)
+  assert [stack for stack, _ in cfg.layer_stacks()] == ["h_dense", "h", "h_dense", "h_dense", "h_dense", "h"]
+  assert hf_llama.hf_config(cfg)["mlp_only_layers"] == [0, 2, 3, 4]
+  with pytest.raises(UserError, match="every layer"):
+    hf_llama.model_config_from_hf(hf | {"mlp_only_layers": [1, 3, 5]}, "hf")
 
 
 def test_a_mixture_exports_as_the_family_member_that_computes_it():
@@ -251,5 +253,7 @@ def test_a_mixture_exports_as_the_family_member_that_computes_it():
   assert hf_llama.hf_config(dataclasses.replace(cfg, qk_norm=True, moe_norm_topk=False))["model_type"] == "qwen3_moe"
   with pytest.raises(UserError, match="always renormalises the chosen experts' weights"):
     hf_llama.hf_config(dataclasses.replace(cfg, moe_norm_topk=False))
+  with pytest.raises(UserError, match=r"no dense layers \(model.dense_layers\)"):
+    hf_llama.hf_config(dataclasses.replace(cfg, dense_layers=(0,)))
   with pytest.raises(UserError, match="neither Mixtral nor Qwen3-MoE has a shared expert"):
     hf_llama.hf_config(dataclasses.replace(cfg, shared_expert_hidden=64))

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import optim
+from gptjax import sharding
 from gptjax import train
 from gptjax.model import moe
 
@@ -75,7 +76,8 @@ def test_routed_experts_equal_a_loop_over_each_tokens_choices(overrides):
 
 
 @pytest.mark.parametrize("rows, sizes", [(10, [4, 0, 6]), (7, [0, 0, 7, 0]), (300, [1, 120, 0, 33, 146]),
-                                         (5, [1, 1, 1, 1, 1, 0, 0, 0])])
+                                         (5, [1, 1, 1, 1, 1, 0, 0, 0]),
+                                         (12, [3, 0, 4]), (9, [0, 0])])  # rows past the groups: zeros
 def test_the_tiled_matmul_equals_ragged_dot(rows, sizes):
   x_MD = jax.random.normal(jax.random.key(0), (rows, 6))
   w_EDF = jax.random.normal(jax.random.key(1), (len(sizes), 6, 5))
@@ -85,10 +87,10 @@ def test_the_tiled_matmul_equals_ragged_dot(rows, sizes):
   def weighted(matmul, x_MD, w_EDF):
     return jnp.sum(matmul(x_MD, w_EDF, group_sizes_E) * cotangent)
 
-  np.testing.assert_allclose(moe.tiled_matmul(x_MD, w_EDF, group_sizes_E),
+  np.testing.assert_allclose(jax.jit(moe.tiled_matmul)(x_MD, w_EDF, group_sizes_E),
                              jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E), rtol=1e-5, atol=1e-5)
-  for got, want in zip(jax.grad(weighted, argnums=(1, 2))(moe.tiled_matmul, x_MD, w_EDF),
-                       jax.grad(weighted, argnums=(1, 2))(jax.lax.ragged_dot, x_MD, w_EDF)):
+  gradient = jax.jit(jax.grad(weighted, argnums=(1, 2)), static_argnums=0)
+  for got, want in zip(gradient(moe.tiled_matmul, x_MD, w_EDF), gradient(jax.lax.ragged_dot, x_MD, w_EDF)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -195,21 +197,59 @@ def test_the_named_mixtures_have_their_published_sizes():
   assert abs(model_lib.active_params(small) / model_lib.count_params(model_lib.abstract_params(dense)[0]) - 1) < 0.01
 
 
-def test_an_moe_run_on_a_mesh_of_8_matches_one_device(tmp_path, char_data):
-  """Data, FSDP and tensor parallelism at once (2 x 2 x 2): the experts' weights split over fsdp
-  (embed) and tensor (their hidden size), the same losses and parameters as one device."""
-  moe_model = ["model.n_experts=4", "model.experts_per_token=2", "model.expert_hidden=32", "model.mlp=swiglu",
-               "model.n_head=8", "train.max_iters=4", "train.eval_interval=4", "train.checkpoint_interval=4",
-               "train.batch_size=16", "train.grad_accum_steps=2"]
+def test_expert_parallel_with_ragged_dot_equals_one_device_in_values_and_gradients():
+  """The accelerators' kernel (the runs below use the CPU's tiled one): the loss and gradients of a
+  model with a dense layer on meshes of 8 with the experts split 8, 4 (with tensor) and 2 (with
+  fsdp and data) ways, against no mesh. Each device's rows of other devices' experts are in no group."""
+  cfg = dataclasses.replace(MOE, n_experts=8, moe_matmul="ragged_dot", dense_layers=(0,))
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (8, cfg.block_size), 0, cfg.vocab_size)
 
-  def run(name, devices, *overrides):
-    return train.train(tiny_config(tmp_path / name, f"data.dir={char_data}", *moe_model, *overrides),
-                       progress_bar=False, devices=devices)
+  def loss(params, tokens):
+    nll_BT, _, router = model_lib.bind(cfg, params).losses(tokens, jnp.roll(tokens, -1, axis=1))
+    return nll_BT.mean() + router["router_balance"]
 
-  (result, state), (reference, reference_state) = run("mesh", None, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), \
-      run("one", jax.devices()[:1])
+  gradient = jax.jit(jax.value_and_grad(loss))
+  expected_loss, expected_grads = gradient(params, tokens)
+  shapes, names = model_lib.abstract_params(cfg)
+  for axes in [dict(data=1, expert=8), dict(data=1, expert=4, tensor=2), dict(data=2, fsdp=2, expert=2)]:
+    mesh = sharding.make_mesh(config_lib.MeshConfig(**axes))
+    placed = jax.device_put(params, sharding.param_shardings(shapes, names, mesh))
+    with jax.set_mesh(mesh):
+      got_loss, got_grads = gradient(placed, jax.device_put(tokens, sharding.rows_sharding(mesh)))
+    np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(expected_grads)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+MESH_MOE = ["model.n_experts=8", "model.experts_per_token=2", "model.expert_hidden=32", "model.mlp=swiglu",
+            "model.n_head=8", "train.max_iters=4", "train.eval_interval=4", "train.checkpoint_interval=4",
+            "train.batch_size=16", "train.grad_accum_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def one_device_moe_run(tmp_path_factory, char_data):
+  return train.train(tiny_config(tmp_path_factory.mktemp("one"), f"data.dir={char_data}", *MESH_MOE),
+                     progress_bar=False, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [("mesh.data=1", "mesh.expert=8"), ("mesh.data=2", "mesh.expert=4"),
+                                  ("mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"),
+                                  ("mesh.data=1", "mesh.expert=4", "mesh.tensor=2")])
+def test_an_moe_run_on_a_mesh_of_8_matches_one_device(tmp_path, char_data, one_device_moe_run, mesh):
+  """Expert parallelism with data, FSDP or tensor parallelism: the experts' weights split over
+  expert (and fsdp over embed, tensor over their hidden size), the tokens all-gathered and
+  reduce-scattered within each expert group; the same losses and parameters as one device."""
+  result, state = train.train(tiny_config(tmp_path, f"data.dir={char_data}", *MESH_MOE, *mesh),
+                              progress_bar=False, devices=None)
+  reference, reference_state = one_device_moe_run
   assert result["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5),
                jax.device_get(state.params), jax.device_get(reference_state.params))
+  sizes = dict(item.removeprefix("mesh.").split("=") for item in mesh)
+  expected = P(None, "expert", "fsdp" if "fsdp" in sizes else None, None, "tensor" if "tensor" in sizes else None)
   fc = state.params["h"]["mlp"]["c_fc"]["kernel"]  # [layers, experts, embed, 2, hidden]
-  assert fc.sharding.is_equivalent_to(NamedSharding(fc.sharding.mesh, P(None, None, "fsdp", None, "tensor")), fc.ndim)
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == fc.shape]
+  assert len(moments) == 2  # AdamW's, placed as the parameter
+  for kernel in (fc, *moments):
+    assert kernel.sharding.is_equivalent_to(NamedSharding(kernel.sharding.mesh, expected), kernel.ndim)

@@ -141,7 +141,7 @@ def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, char_data):
 
 def test_batch_that_the_mesh_does_not_divide(tmp_path, char_data):
   before = digest(char_data)
-  with pytest.raises(UserError, match=r"train.batch_size=12 is not divisible by data\*fsdp=8"):
+  with pytest.raises(UserError, match=r"train.batch_size=12 is not divisible by data\*fsdp\*expert=8"):
     train.train(tiny_config(tmp_path, f"data.dir={char_data}", "train.batch_size=12"), progress_bar=False)
   assert not (tmp_path / "out").exists() and digest(char_data) == before
 

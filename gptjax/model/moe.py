@@ -9,6 +9,16 @@ expert (`model.moe_matmul`: `jax.lax.ragged_dot`, XLA's grouped matmul, for acce
 XLA computes ragged_dot densely, `tiled_matmul`), then put back in token order and summed with
 their weights; no [tokens, experts] dispatch computes every expert for every token.
 
+Expert parallelism (`mesh.expert`): each device holds n_experts / mesh.expert experts, and the
+batch is split over the expert axis too. Within each group of expert devices the tokens are
+all-gathered, each device computes the choices that went to its own experts (the grouped matmul's
+other rows are in no group: skipped), and the partial outputs are summed back onto the devices that
+own the tokens (a reduce-scatter): `expert_parallel`, one `jax.shard_map` over the whole mesh, the
+same code on one device (every collective over an axis of 1). Megatron calls this the all-gather
+dispatcher. An all-to-all exchange moves each choice rather than each token (k x the rows, a
+worst-case buffer per peer to stay dropless); the ragged all-to-all that would move only the chosen
+rows is not implemented on CPUs, where gptjax is tested.
+
 The router's two auxiliary losses are returned beside the output: Switch Transformer's
 load-balancing loss (Fedus et al. 2021, eq. 4, with k choices as Mixtral's) and ST-MoE's router
 z-loss (Zoph et al. 2022); the train step adds them with `optim.router_aux_loss` and
@@ -22,12 +32,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model import mlp
 from gptjax.model.layers import axes, compute_dtype, platform, sow
 from gptjax.model.mlp import MLP
 
 
+PROJ_AXES = ("experts", "mlp", "embed")  # the experts' output projections [E, F, D]
 TILE = 128  # the most rows per tile of `tiled_matmul` (fastest of 64, 128, 256 on a CPU)
 
 
@@ -56,39 +68,79 @@ def router_z_loss(logits_NE):
 
 def tiled_matmul(x_MD, w_EDF, group_sizes_E):
   """jax.lax.ragged_dot's grouped matmul (rows x_MD in groups of group_sizes_E, group e times
-  w_EDF[e]) as tiles of rows, each group padded to whole tiles and each tile multiplied by its
-  group's matrix in one batched matmul: at most M + E x tile rows computed, the tile M / E rows
-  (a power of two, at most TILE). What runs on a CPU, where XLA computes ragged_dot as every row
-  times every group's matrix (E times the work)."""
+  w_EDF[e]; rows past the groups give zeros) as tiles of rows, each group padded to whole tiles and
+  each tile multiplied by its group's matrix in one batched matmul: at most M + E x tile rows
+  computed, the tile M / E rows (a power of two, at most TILE). What runs on a CPU, where XLA
+  computes ragged_dot as every row times every group's matrix (E times the work)."""
   rows, experts = x_MD.shape[0], w_EDF.shape[0]
   tile = min(TILE, 1 << max(0, (-(-rows // experts) - 1).bit_length()))
   n_tiles = -(-rows // tile) + experts  # enough for every group padded up to whole tiles
   padded_E = -(-group_sizes_E // tile) * tile
   padded_end_E = jnp.cumsum(padded_E)
+  end_E = jnp.cumsum(group_sizes_E)
   group_M = jnp.repeat(jnp.arange(experts), group_sizes_E, total_repeat_length=rows)
-  start_E, padded_start_E = jnp.cumsum(group_sizes_E) - group_sizes_E, padded_end_E - padded_E
+  start_E, padded_start_E = end_E - group_sizes_E, padded_end_E - padded_E
   place_M = padded_start_E[group_M] + jnp.arange(rows) - start_E[group_M]  # each row's place in the tiles
-  x_RD = jnp.zeros((n_tiles * tile, x_MD.shape[1]), x_MD.dtype).at[place_M].set(x_MD)
+  place_M = jnp.where(jnp.arange(rows) < end_E[-1], place_M, n_tiles * tile)  # rows past the groups: nowhere
+  x_RD = jnp.zeros((n_tiles * tile, x_MD.shape[1]), x_MD.dtype).at[place_M].set(x_MD, mode="drop")
   tile_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_tiles) * tile, side="right"),
                             experts - 1)  # the tiles past the last group hold zeros: any matrix serves
   y_RF = jnp.einsum("ntd,ndf->ntf", x_RD.reshape(n_tiles, tile, -1), jnp.take(w_EDF, tile_expert, axis=0))
-  return jnp.take(y_RF.reshape(n_tiles * tile, -1), place_M, axis=0)
+  return jnp.take(y_RF.reshape(n_tiles * tile, -1), place_M, axis=0, mode="fill", fill_value=0)
 
 
 def grouped_experts(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD, activation, matmul=jax.lax.ragged_dot):
   """Each token's output: the sum over its k experts of weight * proj(activation(x fc)), through
   grouped matmuls over the choices sorted by expert (`matmul`: ragged_dot or `tiled_matmul`).
   fc_EDF [E, D, F'] (F' = 2F for SwiGLU's gate and up), proj_EFD [E, F, D]; `activation`:
-  [M, F'] -> [M, F]."""
+  [M, F'] -> [M, F]. A choice of an expert outside [0, E) (another device's) is in no group: not
+  computed, adding nothing."""
   n, k = experts_NK.shape
+  n_experts = fc_EDF.shape[0]
   expert_M = experts_NK.reshape(-1)  # M = N x k choices, token-major
+  expert_M = jnp.where((expert_M >= 0) & (expert_M < n_experts), expert_M, n_experts)  # others: last, no group
   order_M = jnp.argsort(expert_M, stable=True)  # the choices grouped by expert
-  group_sizes_E = jnp.zeros(fc_EDF.shape[0], jnp.int32).at[expert_M].add(1)
+  group_sizes_E = jnp.zeros(n_experts + 1, jnp.int32).at[expert_M].add(1)[:n_experts]
   x_MD = jnp.take(x_ND, order_M // k, axis=0)
   h_MF = activation(matmul(x_MD, fc_EDF, group_sizes_E))
   y_MD = matmul(h_MF, proj_EFD, group_sizes_E)
   y_NKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(n, k, -1)  # back in token order
   return jnp.einsum("nkd,nk->nd", y_NKD, weights_NK.astype(y_NKD.dtype))
+
+
+def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, matmul, fc_axes: tuple, proj_axes: tuple):
+  """`grouped_experts` over the mesh (`jax.shard_map`; without a mesh, as is), the parameters
+  placed by the rules: the experts over "expert", their hidden size over "tensor" (each device's
+  slice, summed after), gathered over "fsdp". Tokens split over "expert" are all-gathered within
+  their expert group, each device computes its own experts' choices, and the sums are
+  reduce-scattered back; tokens whole over "expert" (a batch it does not divide) are summed.
+  fc [E, D, (2,) F] and proj [E, F, D], their logical axes `fc_axes` and `proj_axes`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return grouped_experts(x_ND, experts_NK, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation, matmul)
+
+  def spec(names, shape):  # the whole embed axis: FSDP gathers the weights for the matmuls
+    return sharding.fit(sharding.logical_to_spec(tuple(None if n == "embed" else n for n in names)), shape, mesh)
+
+  rows, fc_spec, proj_spec = spec(("batch", None), x_ND.shape), spec(fc_axes, fc.shape), spec(proj_axes, proj.shape)
+  experts_split, hidden_split = fc_spec[0] is not None, proj_spec[1]
+  tokens_split = experts_split and fc_spec[0] in (rows[0] or ())
+
+  def local(x_ND, experts_NK, weights_NK, fc, proj):
+    first = 0
+    if experts_split:
+      first = jax.lax.axis_index(fc_spec[0]) * fc.shape[0]
+    if tokens_split:
+      x_ND, experts_NK, weights_NK = (jax.lax.all_gather(a, fc_spec[0], tiled=True) for a in (x_ND, experts_NK, weights_NK))
+    y_ND = grouped_experts(x_ND, experts_NK - first, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation, matmul)
+    if tokens_split:
+      y_ND = jax.lax.psum_scatter(y_ND, fc_spec[0], scatter_dimension=0, tiled=True)
+    elif experts_split:
+      y_ND = jax.lax.psum(y_ND, fc_spec[0])
+    return jax.lax.psum(y_ND, hidden_split) if hidden_split else y_ND
+
+  return jax.shard_map(local, in_specs=(rows, rows, rows, fc_spec, proj_spec), out_specs=rows)(
+      x_ND, experts_NK, weights_NK, fc, proj)
 
 
 MATMULS = {"ragged_dot": jax.lax.ragged_dot, "tiled": tiled_matmul}
@@ -117,9 +169,9 @@ class MoE(nnx.Module):
     self.router = nnx.Linear(width, experts, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
                              kernel_metadata=axes("embed", None), rngs=rngs)
     fc_shape = (experts, width, 2, hidden) if self.swiglu else (experts, width, hidden)
-    self.c_fc = ExpertKernels(fc_shape, ("experts", "embed", *((None,) if self.swiglu else ()), "mlp"), 0.02, rngs)
-    self.c_proj = ExpertKernels((experts, hidden, width), ("experts", "mlp", "embed"),
-                                0.02 / math.sqrt(2 * cfg.n_layer), rngs)
+    self.fc_axes = ("experts", "embed", *((None,) if self.swiglu else ()), "mlp")
+    self.c_fc = ExpertKernels(fc_shape, self.fc_axes, 0.02, rngs)
+    self.c_proj = ExpertKernels((experts, hidden, width), PROJ_AXES, 0.02 / math.sqrt(2 * cfg.n_layer), rngs)
     if cfg.shared_expert_hidden:
       self.shared = MLP(dataclasses.replace(cfg, mlp_hidden=cfg.shared_expert_hidden), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
@@ -133,10 +185,9 @@ class MoE(nnx.Module):
     probs_NE, weights_NK, experts_NK = route(logits_NE, cfg.experts_per_token, cfg.moe_norm_topk)
     sow(self, "router_probs", probs_NE.reshape(batch, length, -1))
     sow(self, "chosen_experts", experts_NK.reshape(batch, length, -1))
-    fc = self.c_fc.kernel[...].astype(dtype)
-    fc_EDF = fc.reshape(fc.shape[0], width, -1)  # SwiGLU's [E, D, 2, F] as [E, D, 2F]: gate, then up
-    y_ND = grouped_experts(x_ND, experts_NK, weights_NK, fc_EDF, self.c_proj.kernel[...].astype(dtype),
-                           self._activation, MATMULS[matmul_kernel(cfg)])
+    y_ND = expert_parallel(x_ND, experts_NK, weights_NK, self.c_fc.kernel[...].astype(dtype),
+                           self.c_proj.kernel[...].astype(dtype), self._activation, MATMULS[matmul_kernel(cfg)],
+                           self.fc_axes, PROJ_AXES)
     y_BTD = y_ND.reshape(batch, length, width)
     sow(self, "experts", y_BTD)
     experts_key, shared_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)

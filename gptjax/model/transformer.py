@@ -9,7 +9,9 @@ Parameter names follow GPT-2 (wte, wpe, h/{ln_1, attn/{c_attn, c_proj}, ln_2, ml
 ln_f), with one difference: the blocks' parameters are stacked, h/... [n_layer, ...]. The stack
 runs as one `lax.scan` (`model.scan_layers`: compile time independent of depth) or as a Python
 loop over the same stacked arrays (faster steps on CPU); the layout, and so every checkpoint, is
-the same either way.
+the same either way. A mixture of experts with dense layers among its sparse ones
+(`model.dense_layers`) has two stacks, h (the sparse blocks) and h_dense, run in the layers' order,
+each run of consecutive layers of one stack as one scan or loop.
 
 Each stage's output is named with `sow` (`layers.sow`), which keeps it only under `nnx.capture`:
 then the blocks run one by one and attention computes its weights explicitly, for `gptjax explain`
@@ -46,11 +48,11 @@ REMAT_POLICIES = {
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, dense: bool = False, *, rngs: nnx.Rngs):
     self.ln_1 = norm(cfg, rngs=rngs)
     self.attn = CausalSelfAttention(cfg, rngs=rngs)
     self.ln_2 = norm(cfg, rngs=rngs)
-    self.mlp = MoE(cfg, rngs=rngs) if cfg.n_experts else MLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs) if cfg.n_experts and not dense else MLP(cfg, rngs=rngs)
     self.post_norm = cfg.norm_position == "post"
 
   def __call__(self, x_BTD, cache: KVCache | None, layer, dropout_key: jax.Array | None, prefill: bool = False,
@@ -85,15 +87,27 @@ class Block(nnx.Module):
     return x_BTD, extra
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, n_layer: int, dense: bool = False) -> Block:
   """n_layer Blocks as one, every parameter with a leading "layers" axis."""
 
-  @nnx.split_rngs(splits=cfg.n_layer)
+  @nnx.split_rngs(splits=n_layer)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
   def make(rngs):
-    return Block(cfg, rngs=rngs)
+    return Block(cfg, dense, rngs=rngs)
 
   return make(rngs)
+
+
+def layer_runs(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
+  """The layers as runs of consecutive ones in the same stack: (stack, first layer, first index in
+  the stack, length)."""
+  runs = []
+  for layer, (stack, index) in enumerate(cfg.layer_stacks()):
+    if runs and runs[-1][0] == stack:
+      runs[-1] = (*runs[-1][:3], runs[-1][3] + 1)
+    else:
+      runs.append((stack, layer, index, 1))
+  return runs
 
 
 class GPT(nnx.Module):
@@ -106,7 +120,9 @@ class GPT(nnx.Module):
     if cfg.positions == "learned":
       self.wpe = nnx.Embed(cfg.position_limit, cfg.n_embd, dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
                            embedding_metadata=axes(None, "embed"), rngs=rngs)
-    self.h = _stacked_blocks(cfg, rngs)
+    self.h = _stacked_blocks(cfg, rngs, cfg.n_layer - len(cfg.dense_layers))
+    if cfg.dense_layers:
+      self.h_dense = _stacked_blocks(cfg, rngs, len(cfg.dense_layers), dense=True)
     if cfg.has_final_norm:
       self.ln_f = norm(cfg, rngs=rngs)
     if not cfg.tie_embeddings:
@@ -147,10 +163,14 @@ class GPT(nnx.Module):
     return KVCache((empty,) * cfg.n_layer, (empty,) * cfg.n_layer, jnp.zeros((), jnp.int32))
 
   def layer_params(self) -> list[nnx.State]:
-    """Each block's parameters, sliced out of the stack. A generation loop takes them from outside
+    """Each block's parameters, sliced out of its stack. A generation loop takes them from outside
     (`decode(..., layers=)`): sliced inside it, every layer's weights are copied for each token."""
-    stacked = nnx.state(self.h)
-    return [jax.tree.map(lambda x: x[i], stacked) for i in range(self.cfg.n_layer)]
+    stacks = {name: nnx.state(getattr(self, name)) for name in {stack for stack, _ in self.cfg.layer_stacks()}}
+    return [jax.tree.map(lambda x: x[i], stacks[stack]) for stack, i in self.cfg.layer_stacks()]
+
+  def _layer_graphdefs(self) -> list:
+    """Each layer's block structure (its stack's), to merge with its parameters."""
+    return [nnx.graphdef(getattr(self, stack)) for stack, _ in self.cfg.layer_stacks()]
 
   def prefill(self, tokens_BT, cache_length: int, layers: list[nnx.State] | None = None):
     """A prompt [B, T] -> (the next token's logits [B, vocab], a cache of `cache_length` positions
@@ -190,8 +210,7 @@ class GPT(nnx.Module):
     if cache is None:
       x_BTD, router = self._blocks(x_BTD, layer_keys, documents)
     else:  # generation: blocks unrolled, each with its own weights and cache; the next token's logits only
-      graphdef = nnx.graphdef(self.h)
-      for i, params in enumerate(layers or self.layer_params()):
+      for i, (graphdef, params) in enumerate(zip(self._layer_graphdefs(), layers or self.layer_params())):
         x_BTD, cache, _ = nnx.merge(graphdef, params)(x_BTD, cache, i, None, prefill)
       x_BTD = x_BTD[:, -1:]
     if cfg.has_final_norm:
@@ -217,10 +236,24 @@ class GPT(nnx.Module):
 
   def _blocks(self, x_BTD, layer_keys, documents: Documents | None):
     """Runs the stacked blocks in order (training and evaluation); layer_keys (or None) has a
-    leading layer axis. -> (the output, the router's losses averaged over the layers)."""
+    leading layer axis. -> (the output, the router's losses averaged over the sparse layers)."""
     if capturing(self):
       return self._blocks_captured(x_BTD), {}
-    graphdef, stacked = nnx.split(self.h)
+    routers = []
+    for stack, first, index, length in layer_runs(self.cfg):
+      graphdef, stacked = nnx.split(getattr(self, stack))
+      if length < jax.tree.leaves(stacked)[0].shape[0]:  # a run of part of its stack
+        stacked = jax.tree.map(lambda x: x[index:index + length], stacked)
+      keys = None if layer_keys is None else layer_keys[first:first + length]
+      x_BTD, router_L = self._run(graphdef, stacked, x_BTD, keys, documents, length)
+      routers += [router_L] if router_L else []  # a dense MLP's: {}
+    if not routers:
+      return x_BTD, {}
+    return x_BTD, jax.tree.map(lambda *values: jnp.mean(jnp.concatenate(values), axis=0), *routers)
+
+  def _run(self, graphdef, stacked, x_BTD, layer_keys, documents: Documents | None, length: int):
+    """`length` blocks of one stack (`stacked`, each parameter [length, ...]) in order, scanned or
+    looped -> (the output, each layer's router losses [length])."""
 
     def layer(x_BTD, per_layer):
       params, key = per_layer
@@ -231,23 +264,23 @@ class GPT(nnx.Module):
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not scan)
     if scan:
-      x_BTD, router_L = jax.lax.scan(layer, x_BTD, (stacked, layer_keys))
-    else:  # unrolled: unstack each array once (its gradient is one stack, not n_layer padded slices)
-      leaves, treedef = jax.tree.flatten((stacked, layer_keys))
-      unstacked = [jnp.unstack(leaf) for leaf in leaves]
-      routers = []
-      for i in range(self.cfg.n_layer):
-        x_BTD, router = layer(x_BTD, treedef.unflatten([layers[i] for layers in unstacked]))
-        routers.append(router)
-      router_L = jax.tree.map(lambda *values: jnp.stack(values), *routers)
-    return x_BTD, jax.tree.map(lambda values: jnp.mean(values, axis=0), router_L)
+      return jax.lax.scan(layer, x_BTD, (stacked, layer_keys))
+    # unrolled: unstack each array once (its gradient is one stack, not `length` padded slices)
+    leaves, treedef = jax.tree.flatten((stacked, layer_keys))
+    unstacked = [jnp.unstack(leaf) for leaf in leaves]
+    routers = []
+    for i in range(length):
+      x_BTD, router = layer(x_BTD, treedef.unflatten([layers[i] for layers in unstacked]))
+      routers.append(router)
+    return x_BTD, jax.tree.map(lambda *values: jnp.stack(values), *routers)
 
   def _blocks_captured(self, x_BTD):
     """The blocks one by one, each under `nnx.capture`; their intermediates are kept as this
     model's `blocks`, a tuple with one nested dict per layer (for `gptjax explain` and `attention`)."""
-    graphdef, stacked, rest = nnx.split(self.h, nnx.Param, ...)
-    for i in range(self.cfg.n_layer):
-      block = nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked), rest)
+    splits = {name: nnx.split(getattr(self, name), nnx.Param, ...) for name in {s for s, _ in self.cfg.layer_stacks()}}
+    for i, (stack, index) in enumerate(self.cfg.layer_stacks()):
+      graphdef, stacked, rest = splits[stack]
+      block = nnx.merge(graphdef, jax.tree.map(lambda x: x[index], stacked), rest)
       (x_BTD, _, _), intermediates = nnx.capture(block, nnx.Intermediate)(x_BTD, None, i, None)
       sow(self, "blocks", jax.tree.map(lambda kept: kept[0], nnx.to_pure_dict(intermediates),
                                         is_leaf=lambda x: isinstance(x, tuple)))  # sow keeps (value,)

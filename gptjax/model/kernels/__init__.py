@@ -97,7 +97,7 @@ def causal_attention(q_BTHK, k_BTGK, v_BTGK, cfg: ModelConfig, segments_BT=None)
 
 def per_shard(attend, q_BTHK, k_BTGK, v_BTGK, segments_BT=None):
   """`attend(q, k, v, segments)` on each device's rows and heads (`jax.shard_map`), split by the
-  rules table as the activations are: the batch over data and fsdp, the heads over tensor where it
+  rules table as the activations are: the batch over the batch axes (data, fsdp, expert), the heads over tensor where it
   divides both the query and the key/value heads (else every tensor shard takes all heads); the
   segments by rows. Without a mesh, as is."""
   mesh = jax.sharding.get_abstract_mesh()
