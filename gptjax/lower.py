@@ -169,12 +169,26 @@ def square_softmaxes(text: str, T: int) -> int:
 
 
 def matmul_dtypes(text: str) -> collections.Counter:
-  """The dot_generals by (left input, right input -> output) element type, e.g. 'bf16 x bf16 -> f32'."""
+  """The dot_generals by (left input, right input -> output) element type, e.g. 'bf16 x bf16 -> f32';
+  the grouped matmuls (a mixture's experts: chlo.ragged_dot) as 'grouped bf16 x bf16 -> bf16'."""
   found = collections.Counter()
-  for lhs, rhs, out in re.findall(r"stablehlo\.dot_general [^\n]*: \(tensor<([^>]*)>, tensor<([^>]*)>\) -> tensor<([^>]*)>",
-                                  text):
-    found[f"{lhs.split('x')[-1]} x {rhs.split('x')[-1]} -> {out.split('x')[-1]}"] += 1
+  for op, lhs, rhs, out in re.findall(r"(stablehlo\.dot_general|\"chlo\.ragged_dot\")[^\n]*: "
+                                      r"\(tensor<([^>]*)>, tensor<([^>]*)>(?:, tensor<[^>]*>)?\) -> tensor<([^>]*)>", text):
+    kind = "grouped " if "ragged" in op else ""
+    found[f"{kind}{lhs.split('x')[-1]} x {rhs.split('x')[-1]} -> {out.split('x')[-1]}"] += 1
   return found
+
+
+def grouped_matmuls(text: str) -> list[tuple[str, str]]:
+  """Each grouped matmul's (rows, groups' matrices) types, e.g. ('2048x128xbf16', '2x128x192xbf16')."""
+  return re.findall(r'"chlo\.ragged_dot"[^\n]*: \(tensor<([^>]*)>, tensor<([^>]*)>, tensor<[^>]*>\)', text)
+
+
+def module_collectives(text: str) -> collections.Counter:
+  """The collectives a module holds itself (a shard_map's), by kind and device groups, e.g.
+  ('all_gather', '[[0, 2, 4, 6], [1, 3, 5, 7]]'); the partitioner's come only at compile time."""
+  return collections.Counter(re.findall(r'"stablehlo\.(all_gather|reduce_scatter|all_to_all|all_reduce)"\([^\n]*?'
+                                        r'replica_groups = dense<(\[\[[^>]*\]\])>', text))
 
 
 def collectives(hlo: str) -> collections.Counter:
@@ -206,12 +220,15 @@ def summary(cfg, platform: str, lowered: dict, out_dir: str) -> str:
   mesh, T = lowered["mesh"], cfg.model.block_size
   lines = [f"gptjax lower: {platform}, {mesh.size} devices, mesh {dict(mesh.shape)}",
            lowered["attention"], "",
-           "| step | custom calls (attention kernels) | softmax over [T, T] | matmuls | collectives (partitioned) |",
-           "|---|---|---|---|---|"]
+           "| step | custom calls (attention kernels) | softmax over [T, T] | matmuls | collectives in the module "
+           "(shard_map) | collectives (partitioned) |",
+           "|---|---|---|---|---|---|"]
   for name, text in lowered["texts"].items():
     partitioned = lowered["partitioned"].get(name)
+    explicit = collections.Counter({f"{kind} over {groups}": n for (kind, groups), n in module_collectives(text).items()})
     lines.append(f"| {name} ({out_dir}/{name}.mlir) | {_counts(custom_calls(text))} | {square_softmaxes(text, T)} "
-                 f"| {_counts(matmul_dtypes(text))} | {'-' if partitioned is None else _counts(collectives(partitioned))} |")
+                 f"| {_counts(matmul_dtypes(text))} | {_counts(explicit)} "
+                 f"| {'-' if partitioned is None else _counts(collectives(partitioned))} |")
   lines += ["", "Collectives: XLA's SPMD partitioner, compiling the same steps for this mesh of CPU devices with XLA's",
             "attention in place of a fused kernel (the lowered modules hold shardings; collectives come at compile time).",
             "", "parameters (float32), split over the mesh:"]

@@ -148,7 +148,7 @@ def main(argv=None) -> None:
   parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
   parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   parser.add_argument("--seed", type=int, default=1337)
-  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.tensor=N (default: data parallel)")
+  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.expert=N, mesh.tensor=N (default: data parallel)")
   args = parser.parse_intermixed_args(argv)
 
   if args.prompt_file is not None:

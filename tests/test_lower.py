@@ -4,6 +4,7 @@ dtypes of their matmuls, and the parameters' shardings in the module (`gptjax lo
 import re
 
 import jax
+import numpy as np
 import pytest
 
 from gptjax import config as config_lib
@@ -89,7 +90,7 @@ def test_gptjax_lower_prints_what_a_user_acts_on(tmp_path):
   result = run_cli("lower", "llama3_2_1b", "--platform", "cuda", "--devices", 8, *LLAMA[1], "--out", tmp_path / "out")
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
-  assert lines[0] == "gptjax lower: cuda, 8 devices, mesh {'data': 2, 'fsdp': 2, 'tensor': 2}"
+  assert lines[0] == "gptjax lower: cuda, 8 devices, mesh {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2}"
   assert lines[1] == "attention: cudnn (auto on cuda); matmuls in bfloat16"
   train_row = next(line for line in lines if line.startswith("| train_step"))
   assert "__cudnn$fmhaSoftmax x4, __cudnn$fmhaSoftmaxBackward x2 | 0 | bf16 x bf16 -> bf16" in train_row
@@ -98,6 +99,29 @@ def test_gptjax_lower_prints_what_a_user_acts_on(tmp_path):
   assert any(re.fullmatch(r"  h/attn/q_attn/kernel +\[2, 128, 4, 32\]  \(None, 'fsdp', 'tensor', None\)", line)
              for line in lines)
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["decode.mlir", "prefill.mlir", "train_step.mlir"]
+
+
+@pytest.mark.parametrize("platform, expert, tensor", [("cuda", 4, 2), ("tpu", 8, 1)])
+def test_an_8_expert_step_lowers_to_grouped_matmuls_on_each_devices_experts(tmp_path, platform, expert, tensor):
+  """moe_shakespeare_cpu (8 experts of 192, k = 2) over mesh.expert x mesh.tensor = 8: the experts run
+  as grouped matmuls (chlo.ragged_dot) on this device's experts only, the tokens all-gathered and the
+  outputs reduce-scattered within each expert group, and no dense matmul takes an expert's weights."""
+  cfg = config_lib.load_config("moe_shakespeare_cpu", ["model.vocab_size=65", "train.batch_size=16", "mesh.data=1",
+                                                       f"mesh.expert={expert}", f"mesh.tensor={tensor}"])
+  lowered = lower.lower(cfg, platform, jax.devices()[:8], str(tmp_path), partition=False)
+  train = lowered["texts"]["train_step"]
+  local_fc, local_proj = f"{8 // expert}x128x{2 * 192 // tensor}xbf16", f"{8 // expert}x{192 // tensor}x128xbf16"
+  rows = 16 * 64 * 2  # an expert group's choices (one group holds the whole batch here): tokens x k
+  grouped = lower.grouped_matmuls(train)
+  # the layers are one scanned body: two grouped matmuls forward, each one's two gradients backward
+  assert len(grouped) == 6 and all(lhs.startswith(f"{rows}x") for lhs, _ in grouped), grouped
+  assert sum(rhs in (local_fc, local_proj) for _, rhs in grouped) == 4  # forward and input gradients: own experts only
+  assert not [line for line in train.splitlines() if "stablehlo.dot_general" in line
+              and (local_fc in line or local_proj in line)]  # no dense tokens x experts compute
+  group = str(np.arange(8).reshape(expert, tensor).T.tolist())  # each expert group's places in the mesh
+  exchanges = lower.module_collectives(train)
+  assert exchanges[("all_gather", group)] >= 3 and exchanges[("reduce_scatter", group)] >= 1
+  assert ("all_to_all", group) not in exchanges
 
 
 def test_cudnn_in_float32_is_one_line_naming_what_to_change():
