@@ -107,7 +107,7 @@ def main(argv=None) -> None:
   parser.add_argument("--stride", type=int, default=None, help="window stride (default: block_size // 2)")
   parser.add_argument("--batch-size", type=int, default=None,
                       help=f"windows per forward pass (default: about {BATCH_TOKENS:,} tokens' worth)")
-  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.tensor=N (default: data parallel)")
+  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.expert=N, mesh.tensor=N (default: data parallel)")
   args = parser.parse_intermixed_args(argv)
 
   mesh = sharding.inference_mesh(args.mesh)

@@ -31,6 +31,7 @@ from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.model import kernels
 from gptjax.model import layers
+from gptjax.model import moe
 from gptjax.steps import TrainState
 
 EXECUTION_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention", "loss_chunk")  # how a run computes, not what it learns
@@ -213,6 +214,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
     log(_documents_line(cfg.data, tok, document_start))
     log(_order_line(train_batches, t.max_iters))
     log(layers.scan_report(cfg.model))
+    if cfg.model.n_experts:
+      log(moe.report(cfg.model, mesh))
     log(compile_cache.report())
     for line in sharding.unsplit_report(*model_lib.abstract_params(cfg.model), mesh):
       log(line)

@@ -165,6 +165,8 @@ def test_an_moe_run_trains_logs_its_router_losses_and_explains_its_routing(char_
                                                             *moe_model, "train.max_iters=20", "train.log_interval=10"))
   assert result.returncode == 0, result.stderr[-2000:]
   assert "M active per token)" in result.stdout.splitlines()[0]
+  assert "experts: 4 of 32 (2 per token), 4 per device over mesh.expert=1; grouped matmuls: tiled (auto on cpu)" \
+      in result.stdout.splitlines()
   lines = [line for line in result.stdout.splitlines() if line.startswith("step ") and "router balance" in line]
   assert len(lines) == 2, result.stdout
   balance = float(lines[-1].split("router balance ")[1].split(",")[0])

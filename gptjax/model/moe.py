@@ -153,6 +153,18 @@ def matmul_kernel(cfg: ModelConfig) -> str:
   return "tiled" if platform() == "cpu" else "ragged_dot"
 
 
+def report(cfg: ModelConfig, mesh) -> str:
+  """The start-up line of a mixture: its experts, how the mesh splits them and the grouped matmuls' kernel."""
+  split = mesh.shape["expert"] if cfg.n_experts % mesh.shape["expert"] == 0 else 1
+  kernel = matmul_kernel(cfg)
+  how = f"{cfg.n_experts // split} per device over mesh.expert={split}" + (
+      f": each group of {split} devices all-gathers its tokens and reduce-scatters the experts' outputs"
+      if split > 1 else "")
+  dense = f"; dense layers {list(cfg.dense_layers)}" if cfg.dense_layers else ""
+  return (f"experts: {cfg.n_experts} of {cfg.expert_size} ({cfg.experts_per_token} per token{dense}), {how}; "
+          f"grouped matmuls: {kernel} ({'model.moe_matmul' if cfg.moe_matmul != 'auto' else f'auto on {platform()}'})")
+
+
 class ExpertKernels(nnx.Module):
   """Every expert's weights of one projection, stacked: `kernel` [experts, ...]."""
 
