@@ -75,38 +75,49 @@ def test_routed_experts_equal_a_loop_over_each_tokens_choices(overrides):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows, sizes", [(10, [4, 0, 6]), (7, [0, 0, 7, 0]), (300, [1, 120, 0, 33, 146]),
-                                         (5, [1, 1, 1, 1, 1, 0, 0, 0]),
-                                         (12, [3, 0, 4]), (9, [0, 0])])  # rows past the groups: zeros
-def test_the_tiled_matmul_equals_ragged_dot(rows, sizes):
-  x_MD = jax.random.normal(jax.random.key(0), (rows, 6))
-  w_EDF = jax.random.normal(jax.random.key(1), (len(sizes), 6, 5))
-  group_sizes_E = jnp.array(sizes, jnp.int32)
-  cotangent = jax.random.normal(jax.random.key(2), (rows, 5))
+def _activation(h_MF):  # SwiGLU on [M, 2F]
+  return moe.mlp.activate(h_MF.reshape(h_MF.shape[0], 2, -1), True)
 
-  def weighted(matmul, x_MD, w_EDF):
-    return jnp.sum(matmul(x_MD, w_EDF, group_sizes_E) * cotangent)
 
-  np.testing.assert_allclose(jax.jit(moe.tiled_matmul)(x_MD, w_EDF, group_sizes_E),
-                             jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E), rtol=1e-5, atol=1e-5)
-  gradient = jax.jit(jax.grad(weighted, argnums=(1, 2)), static_argnums=0)
-  for got, want in zip(gradient(moe.tiled_matmul, x_MD, w_EDF), gradient(jax.lax.ragged_dot, x_MD, w_EDF)):
+@pytest.mark.parametrize("tokens, k, experts, first", [(5, 2, 3, 0), (150, 2, 5, 0), (7, 1, 4, 0), (3, 3, 8, 0),
+                                                        (20, 2, 4, 2), (9, 2, 3, 7)])  # first: other devices' experts
+def test_the_tiled_kernel_equals_ragged_dots(tokens, k, experts, first):
+  """Values and gradients, with empty experts, and choices of experts outside this device's
+  [0, E) (numbered from `first` on another device) that neither kernel computes."""
+  x_ND = jax.random.normal(jax.random.key(0), (tokens, 6))
+  experts_NK = jax.vmap(lambda key: jax.random.choice(key, 10, (k,), replace=False))(
+      jax.random.split(jax.random.key(1), tokens)) % (experts + first) - first  # some below 0 where first > 0
+  weights_NK = jax.random.uniform(jax.random.key(2), (tokens, k))
+  fc_EDF, proj_EFD = jax.random.normal(jax.random.key(3), (experts, 6, 10)), jax.random.normal(jax.random.key(4), (experts, 5, 6))
+  cotangent = jax.random.normal(jax.random.key(5), (tokens, 6))
+
+  def weighted(kernel, x_ND, weights_NK, fc_EDF, proj_EFD):
+    return jnp.sum(kernel(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD, _activation) * cotangent)
+
+  gradient = jax.jit(jax.value_and_grad(weighted, argnums=(1, 2, 3, 4)), static_argnums=0)
+  (tiled, tiled_grads), (ragged, ragged_grads) = (gradient(kernel, x_ND, weights_NK, fc_EDF, proj_EFD)
+                                                  for kernel in (moe.tiled_experts, moe.ragged_experts))
+  np.testing.assert_allclose(tiled, ragged, rtol=1e-5)
+  for got, want in zip(tiled_grads, ragged_grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_tiled_matmul_computes_only_the_chosen_rows():
-  """XLA's FLOPs for 1,536 rows in 8 groups: ragged_dot on a CPU computes every row for every
-  group (8x); the tiles at most the rows plus a tile per group."""
-  x_MD, w_EDF = jnp.ones((1536, 128)), jnp.ones((8, 128, 384))
-  group_sizes_E = jnp.array([500, 300, 200, 200, 136, 100, 60, 40], jnp.int32)
-  needed = 2 * 1536 * 128 * 384
+def test_the_tiled_kernel_computes_only_the_chosen_rows():
+  """XLA's FLOPs for 768 tokens' 1,536 choices among 8 experts: ragged_dot on a CPU computes every
+  row for every expert (8x); the tiles at most the rows plus a tile per expert."""
+  tokens, k, experts, D, F = 768, 2, 8, 128, 192
+  x_ND, weights_NK = jnp.ones((tokens, D)), jnp.ones((tokens, k))
+  experts_NK = jnp.stack([jnp.arange(tokens) % 3, 3 + jnp.arange(tokens) % 5], axis=1)  # uneven: 256 down to 153
+  fc_EDF, proj_EFD = jnp.ones((experts, D, 2 * F)), jnp.ones((experts, F, D))
+  needed = 2 * tokens * k * (D * 2 * F + F * D)
 
-  def flops(matmul):
-    analysis = jax.jit(matmul).lower(x_MD, w_EDF, group_sizes_E).compile().cost_analysis()
+  def flops(kernel):
+    run = jax.jit(lambda *args: kernel(*args, _activation))
+    analysis = run.lower(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD).compile().cost_analysis()
     return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
-  assert flops(jax.lax.ragged_dot) >= 7 * needed
-  assert flops(moe.tiled_matmul) <= (1536 + 8 * moe.TILE) / 1536 * needed * 1.05
+  assert flops(moe.ragged_experts) >= 7 * needed
+  assert flops(moe.tiled_experts) <= (tokens * k + experts * moe.TILE) / (tokens * k) * needed * 1.05
 
 
 def test_the_load_balancing_loss_on_a_hand_made_case():

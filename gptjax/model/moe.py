@@ -3,11 +3,13 @@
 output, weighted by their router probabilities (renormalised over the k where
 `model.moe_norm_topk`), and a shared expert, where there is one, is added for every token.
 
-Dropless: every one of the N x k (token, expert) choices is computed, none dropped for capacity.
-The choices are sorted by expert and run through two grouped matmuls, one group of rows per
-expert (`model.moe_matmul`: `jax.lax.ragged_dot`, XLA's grouped matmul, for accelerators; on a CPU, where
-XLA computes ragged_dot densely, `tiled_matmul`), then put back in token order and summed with
-their weights; no [tokens, experts] dispatch computes every expert for every token.
+Dropless: every one of the N x k (token, expert) choices is computed, none dropped for capacity,
+and no [tokens, experts] dispatch computes every expert for every token. Two kernels
+(`model.moe_matmul`): `ragged_experts` sorts the choices by expert and runs two grouped matmuls
+(`jax.lax.ragged_dot`, XLA's grouped matmul op, for accelerators), then puts them back in token
+order; `tiled_experts`, for CPUs (where XLA computes ragged_dot as every row times every expert),
+places each choice straight into tiles of rows of one expert and runs both matmuls as batched
+matmuls over the tiles. Either way the outputs are summed with the router's weights.
 
 Expert parallelism (`mesh.expert`): each device holds n_experts / mesh.expert experts, and the
 batch is split over the expert axis too. Within each group of expert devices the tokens are
@@ -40,7 +42,7 @@ from gptjax.model.mlp import MLP
 
 
 PROJ_AXES = ("experts", "mlp", "embed")  # the experts' output projections [E, F, D]
-TILE = 128  # the most rows per tile of `tiled_matmul` (fastest of 64, 128, 256 on a CPU)
+TILE = 128  # the most rows per tile of `tiled_experts` (fastest of 32, 64, 128 on a CPU)
 
 
 def route(logits_NE, k: int, norm_topk: bool):
@@ -66,50 +68,61 @@ def router_z_loss(logits_NE):
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE.astype(jnp.float32), axis=-1)))
 
 
-def tiled_matmul(x_MD, w_EDF, group_sizes_E):
-  """jax.lax.ragged_dot's grouped matmul (rows x_MD in groups of group_sizes_E, group e times
-  w_EDF[e]; rows past the groups give zeros) as tiles of rows, each group padded to whole tiles and
-  each tile multiplied by its group's matrix in one batched matmul: at most M + E x tile rows
-  computed, the tile M / E rows (a power of two, at most TILE). What runs on a CPU, where XLA
-  computes ragged_dot as every row times every group's matrix (E times the work)."""
-  rows, experts = x_MD.shape[0], w_EDF.shape[0]
-  tile = min(TILE, 1 << max(0, (-(-rows // experts) - 1).bit_length()))
-  n_tiles = -(-rows // tile) + experts  # enough for every group padded up to whole tiles
-  padded_E = -(-group_sizes_E // tile) * tile
-  padded_end_E = jnp.cumsum(padded_E)
-  end_E = jnp.cumsum(group_sizes_E)
-  group_M = jnp.repeat(jnp.arange(experts), group_sizes_E, total_repeat_length=rows)
-  start_E, padded_start_E = end_E - group_sizes_E, padded_end_E - padded_E
-  place_M = padded_start_E[group_M] + jnp.arange(rows) - start_E[group_M]  # each row's place in the tiles
-  place_M = jnp.where(jnp.arange(rows) < end_E[-1], place_M, n_tiles * tile)  # rows past the groups: nowhere
-  x_RD = jnp.zeros((n_tiles * tile, x_MD.shape[1]), x_MD.dtype).at[place_M].set(x_MD, mode="drop")
-  tile_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_tiles) * tile, side="right"),
-                            experts - 1)  # the tiles past the last group hold zeros: any matrix serves
-  y_RF = jnp.einsum("ntd,ndf->ntf", x_RD.reshape(n_tiles, tile, -1), jnp.take(w_EDF, tile_expert, axis=0))
-  return jnp.take(y_RF.reshape(n_tiles * tile, -1), place_M, axis=0, mode="fill", fill_value=0)
+def _choices(experts_NK, n_experts: int):
+  """Each of the M = N x k choices' expert, token-major (n_experts for another device's expert:
+  in no group), and each expert's count [E]."""
+  expert_M = experts_NK.reshape(-1)
+  expert_M = jnp.where((expert_M >= 0) & (expert_M < n_experts), expert_M, n_experts)
+  return expert_M, jnp.zeros(n_experts + 1, jnp.int32).at[expert_M].add(1)[:n_experts]
 
 
-def grouped_experts(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD, activation, matmul=jax.lax.ragged_dot):
-  """Each token's output: the sum over its k experts of weight * proj(activation(x fc)), through
-  grouped matmuls over the choices sorted by expert (`matmul`: ragged_dot or `tiled_matmul`).
-  fc_EDF [E, D, F'] (F' = 2F for SwiGLU's gate and up), proj_EFD [E, F, D]; `activation`:
-  [M, F'] -> [M, F]. A choice of an expert outside [0, E) (another device's) is in no group: not
-  computed, adding nothing."""
+def ragged_experts(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD, activation):
+  """Each token's output: the sum over its k experts of weight * proj(activation(x fc)), through two
+  grouped matmuls (ragged_dot) over the choices sorted by expert. fc_EDF [E, D, F'] (F' = 2F for
+  SwiGLU's gate and up), proj_EFD [E, F, D]; `activation`: [M, F'] -> [M, F]. A choice of an expert
+  outside [0, E) (another device's) is in no group: not computed, adding nothing."""
   n, k = experts_NK.shape
-  n_experts = fc_EDF.shape[0]
-  expert_M = experts_NK.reshape(-1)  # M = N x k choices, token-major
-  expert_M = jnp.where((expert_M >= 0) & (expert_M < n_experts), expert_M, n_experts)  # others: last, no group
+  expert_M, group_sizes_E = _choices(experts_NK, fc_EDF.shape[0])
   order_M = jnp.argsort(expert_M, stable=True)  # the choices grouped by expert
-  group_sizes_E = jnp.zeros(n_experts + 1, jnp.int32).at[expert_M].add(1)[:n_experts]
   x_MD = jnp.take(x_ND, order_M // k, axis=0)
-  h_MF = activation(matmul(x_MD, fc_EDF, group_sizes_E))
-  y_MD = matmul(h_MF, proj_EFD, group_sizes_E)
-  y_NKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(n, k, -1)  # back in token order
+  h_MF = activation(jax.lax.ragged_dot(x_MD, fc_EDF, group_sizes_E))
+  y_MD = jax.lax.ragged_dot(h_MF, proj_EFD, group_sizes_E)
+  y_NKD = jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(n, k, -1)  # back in token order
   return jnp.einsum("nkd,nk->nd", y_NKD, weights_NK.astype(y_NKD.dtype))
 
 
-def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, matmul, fc_axes: tuple, proj_axes: tuple):
-  """`grouped_experts` over the mesh (`jax.shard_map`; without a mesh, as is), the parameters
+def tiled_experts(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD, activation):
+  """`ragged_experts` on tiles: each choice goes straight to its place in tiles of rows of one
+  expert (each expert's rows padded to whole tiles), both matmuls run as batched matmuls over the
+  tiles, each tile times its expert's matrix, and each choice's output is read back from its place:
+  at most M + E x tile rows computed, the tile M / E rows (a power of two, at most TILE)."""
+  (n, k), experts = experts_NK.shape, fc_EDF.shape[0]
+  rows = n * k
+  expert_M, sizes_E = _choices(experts_NK, experts)
+  tile = min(TILE, 1 << max(0, (-(-rows // experts) - 1).bit_length()))
+  n_tiles = -(-rows // tile) + experts  # enough for every expert's rows padded up to whole tiles
+  padded_E = -(-sizes_E // tile) * tile
+  padded_end_E = jnp.cumsum(padded_E)
+  start_E, padded_start_E = jnp.cumsum(sizes_E) - sizes_E, padded_end_E - padded_E
+  order_M = jnp.argsort(expert_M, stable=True)  # a choice's rank among its expert's: its sorted place - start
+  sorted_expert_M = jnp.minimum(expert_M[order_M], experts - 1)
+  sorted_place_M = jnp.where(expert_M[order_M] < experts,
+                             padded_start_E[sorted_expert_M] + jnp.arange(rows) - start_E[sorted_expert_M],
+                             n_tiles * tile)  # another device's: nowhere
+  place_M = jnp.zeros(rows, jnp.int32).at[order_M].set(sorted_place_M)  # token-major
+  x_RD = jnp.zeros((n_tiles * tile, x_ND.shape[1]), x_ND.dtype).at[place_M].set(jnp.repeat(x_ND, k, axis=0),
+                                                                                  mode="drop")
+  tile_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_tiles) * tile, side="right"),
+                            experts - 1)  # the tiles past the last expert's hold zeros: any matrix serves
+  h_NTF = jnp.einsum("ntd,ndf->ntf", x_RD.reshape(n_tiles, tile, -1), jnp.take(fc_EDF, tile_expert, axis=0))
+  h_NTF = activation(h_NTF.reshape(n_tiles * tile, -1)).reshape(n_tiles, tile, -1)
+  y_RD = jnp.einsum("ntf,nfd->ntd", h_NTF, jnp.take(proj_EFD, tile_expert, axis=0)).reshape(n_tiles * tile, -1)
+  y_NKD = jnp.take(y_RD, place_M, axis=0, mode="fill", fill_value=0).reshape(n, k, -1)
+  return jnp.einsum("nkd,nk->nd", y_NKD, weights_NK.astype(y_NKD.dtype))
+
+
+def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, kernel, fc_axes: tuple, proj_axes: tuple):
+  """`kernel` (`ragged_experts` or `tiled_experts`) over the mesh (`jax.shard_map`; without a mesh, as is), the parameters
   placed by the rules: the experts over "expert", their hidden size over "tensor" (each device's
   slice, summed after), gathered over "fsdp". Tokens split over "expert" are all-gathered within
   their expert group, each device computes its own experts' choices, and the sums are
@@ -117,7 +130,7 @@ def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, matmul, 
   fc [E, D, (2,) F] and proj [E, F, D], their logical axes `fc_axes` and `proj_axes`."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return grouped_experts(x_ND, experts_NK, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation, matmul)
+    return kernel(x_ND, experts_NK, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation)
 
   def spec(names, shape):  # the whole embed axis: FSDP gathers the weights for the matmuls
     return sharding.fit(sharding.logical_to_spec(tuple(None if n == "embed" else n for n in names)), shape, mesh)
@@ -132,7 +145,7 @@ def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, matmul, 
       first = jax.lax.axis_index(fc_spec[0]) * fc.shape[0]
     if tokens_split:
       x_ND, experts_NK, weights_NK = (jax.lax.all_gather(a, fc_spec[0], tiled=True) for a in (x_ND, experts_NK, weights_NK))
-    y_ND = grouped_experts(x_ND, experts_NK - first, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation, matmul)
+    y_ND = kernel(x_ND, experts_NK - first, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation)
     if tokens_split:
       y_ND = jax.lax.psum_scatter(y_ND, fc_spec[0], scatter_dimension=0, tiled=True)
     elif experts_split:
@@ -143,7 +156,7 @@ def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, matmul, 
       x_ND, experts_NK, weights_NK, fc, proj)
 
 
-MATMULS = {"ragged_dot": jax.lax.ragged_dot, "tiled": tiled_matmul}
+KERNELS = {"ragged_dot": ragged_experts, "tiled": tiled_experts}
 
 
 def matmul_kernel(cfg: ModelConfig) -> str:
@@ -198,7 +211,7 @@ class MoE(nnx.Module):
     sow(self, "router_probs", probs_NE.reshape(batch, length, -1))
     sow(self, "chosen_experts", experts_NK.reshape(batch, length, -1))
     y_ND = expert_parallel(x_ND, experts_NK, weights_NK, self.c_fc.kernel[...].astype(dtype),
-                           self.c_proj.kernel[...].astype(dtype), self._activation, MATMULS[matmul_kernel(cfg)],
+                           self.c_proj.kernel[...].astype(dtype), self._activation, KERNELS[matmul_kernel(cfg)],
                            self.fc_axes, PROJ_AXES)
     y_BTD = y_ND.reshape(batch, length, width)
     sow(self, "experts", y_BTD)
