@@ -141,11 +141,13 @@ def hf_config(cfg: config_lib.ModelConfig, tokenizer_meta: dict) -> dict:
   not_gpt2 = {"bias": not cfg.bias, "positions": cfg.positions != "learned", "norm": cfg.norm != "layernorm",
               "mlp": cfg.mlp != "gelu", "mlp_hidden": cfg.mlp_size != 4 * cfg.n_embd,
               "n_kv_head": cfg.kv_heads != cfg.n_head, "head_dim": cfg.head_size * cfg.n_head != cfg.n_embd,
-              "tie_embeddings": not cfg.tie_embeddings, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm}
+              "tie_embeddings": not cfg.tie_embeddings, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm,
+              "n_experts": cfg.n_experts > 0}
   differs = [f"model.{name}={getattr(cfg, name)!r}" for name, differ in not_gpt2.items() if differ]
   if differs:
     raise UserError(f"{', '.join(differs)}: not GPT-2's architecture, and not the Llama family's either "
-                    "(rotary positions, RMSNorm, SwiGLU and no biases export as Llama or Qwen)")
+                    "(rotary positions, RMSNorm, SwiGLU and no biases export as Llama or Qwen, a mixture of "
+                    "experts as Mixtral or Qwen3-MoE)")
   config = {
       "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
       "n_positions": cfg.position_limit, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,

@@ -130,7 +130,7 @@ def stage_rows(cfg: config_lib.ModelConfig, intermediates: dict, tokens_BT, laye
   """(stage, shape, meaning) for every stage the model computed, the blocks in `layers`."""
   described = facts(cfg)
 
-  def rows(table, kept, indent=""):
+  def rows(table, kept, indent="", described=described):
     out = []
     for path, axes, meaning in table:
       value = kept
@@ -149,8 +149,9 @@ def stage_rows(cfg: config_lib.ModelConfig, intermediates: dict, tokens_BT, laye
   blocks = intermediates["blocks"]
   for i in range(cfg.n_layer):
     if i in layers:
-      table.append((f"block {i}", "", ""))
-      table += rows(block_table(cfg), blocks[i], "  ")
+      dense = i in cfg.dense_layers
+      table.append((f"block {i}", "", "a dense MLP among the experts (model.dense_layers)" if dense else ""))
+      table += rows(block_table(cfg), blocks[i], "  ", described | {"F": cfg.mlp_size} if dense else described)
     elif i == 0 or i - 1 in layers:
       hidden = [j for j in range(i, cfg.n_layer) if j not in layers]
       hidden = hidden[:next((n for n, j in enumerate(hidden) if j != i + n), len(hidden))]  # the run from i

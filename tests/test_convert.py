@@ -318,6 +318,12 @@ def test_a_padded_vocabulary_exports_without_its_padding_and_other_architectures
   one_line_error(_convert(capsys, "export", tmp_path / "rms", tmp_path / "hf_rms"), "model.norm='rmsnorm': not GPT-2's")
   assert not (tmp_path / "hf_rms").exists() and digest(tmp_path / "rms") == before
 
+  gelu_experts = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_experts=4, vocab_multiple=1))
+  checkpoint.save_weights(str(tmp_path / "moe"), model_lib.init_params(gelu_experts.model, jax.random.key(0)),
+                          config=gelu_experts, tokenizer={"kind": "gpt2"})
+  one_line_error(_convert(capsys, "export", tmp_path / "moe", tmp_path / "hf_moe"), "model.n_experts=4: not GPT-2's")
+  assert not (tmp_path / "hf_moe").exists()
+
 
 @pytest.mark.parametrize("variant,named", [
     (dict(norm_position="post"), "model.norm_position=post, model.final_norm=auto"),

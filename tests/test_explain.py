@@ -2,6 +2,8 @@
 shapes it computed, for GPT-2 and for the Llama / Qwen family (grouped-query attention, rotary
 positions, SwiGLU, qk-norm)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -59,6 +61,17 @@ def test_the_llama_trace_shows_grouped_query_heads_rotary_positions_and_swiglu()
   meanings = {stage: meaning for stage, _, meaning in rows}
   assert "each serves 2 query heads" in meanings["  keys"] and "SwiGLU" in meanings["  activation"]
   assert "lm_head" in meanings["logits"] and "RMSNorm" in meanings["ln_f"]
+
+
+def test_a_mixture_with_a_dense_layer_shows_each_blocks_own_mlp():
+  cfg = dataclasses.replace(LLAMA, n_experts=4, experts_per_token=2, expert_hidden=16, dense_layers=(0,))
+  rows = trace(cfg, [0, 1])
+  dense_block, sparse_block = rows.index(("block 0", "", "a dense MLP among the experts (model.dense_layers)")), \
+      rows.index(("block 1", "", ""))
+  dense, sparse = dict((r[0], r[1:]) for r in rows[dense_block:sparse_block]), dict((r[0], r[1:]) for r in rows[sparse_block:])
+  assert dense["  gate_and_up"] == ("[B=1, T=5, 2, F=48]", "expansion c_fc: gate and up projections, [32] -> 2 x [48]")
+  assert sparse["  router_probs"][0] == "[B=1, T=5, E=4]" and "[16]" in sparse["  experts"][1]
+  assert "  router_probs" not in dense
 
 
 def test_the_textbook_variants_show_their_stages_in_the_order_they_run():

@@ -122,12 +122,12 @@ def tiled_experts(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD, activation):
 
 
 def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, kernel, fc_axes: tuple, proj_axes: tuple):
-  """`kernel` (`ragged_experts` or `tiled_experts`) over the mesh (`jax.shard_map`; without a mesh, as is), the parameters
-  placed by the rules: the experts over "expert", their hidden size over "tensor" (each device's
-  slice, summed after), gathered over "fsdp". Tokens split over "expert" are all-gathered within
-  their expert group, each device computes its own experts' choices, and the sums are
-  reduce-scattered back; tokens whole over "expert" (a batch it does not divide) are summed.
-  fc [E, D, (2,) F] and proj [E, F, D], their logical axes `fc_axes` and `proj_axes`."""
+  """`kernel` (`ragged_experts` or `tiled_experts`) over the mesh (`jax.shard_map`; without a mesh,
+  as is), the parameters placed by the rules: the experts over "expert", their hidden size over
+  "tensor" (each device's slice, summed after), gathered over "fsdp". Tokens split over "expert"
+  are all-gathered within their expert group, each device computes its own experts' choices, and
+  the sums are reduce-scattered back; tokens whole over "expert" (a batch it does not divide) are
+  summed. fc [E, D, (2,) F] and proj [E, F, D], their logical axes `fc_axes` and `proj_axes`."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return kernel(x_ND, experts_NK, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation)
