@@ -241,8 +241,8 @@ class MeshConfig:
 
   data: int = -1
   fsdp: int = 1
-  expert: int = 1  # a mixture's experts split over this many devices (and the batch, as over data)
   tensor: int = 1
+  expert: int = 1  # a mixture's experts split over this many devices (and the batch, as over data)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,13 +70,13 @@ def model_config_from_hf(hf: dict, source: str) -> config_lib.ModelConfig:
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
         rope_original_context=int(rope.get("original_max_position_embeddings", 8192)),
         norm="rmsnorm", mlp="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "qwen3_moe"), **_experts_from_hf(hf, family))
+        qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "qwen3_moe"), **_experts_from_hf(hf, family, source))
   except KeyError as e:
     raise UserError(f"{source}: no {e.args[0]}") from None
   return config_lib.validate(config_lib.Config(model=cfg)).model
 
 
-def _experts_from_hf(hf: dict, family: str) -> dict:
+def _experts_from_hf(hf: dict, family: str, source: str) -> dict:
   """A mixture's ModelConfig fields; none for a dense family member."""
   if family == "mixtral":
     return dict(n_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
@@ -84,7 +84,12 @@ def _experts_from_hf(hf: dict, family: str) -> dict:
   experts = hf.get("num_experts", hf.get("num_local_experts"))  # the hub's name, transformers 5's
   if family == "qwen3_moe" and experts:
     step = hf.get("decoder_sparse_step", 1)  # layer i is sparse where (i + 1) % step == 0, unless listed
+    if not isinstance(step, int) or step < 1:
+      raise UserError(f"{source}: decoder_sparse_step={step!r} is not a positive whole number")
     dense = sorted(set(hf.get("mlp_only_layers") or ()) | {i for i in range(hf["num_hidden_layers"]) if (i + 1) % step})
+    if len(dense) >= hf["num_hidden_layers"]:
+      raise UserError(f"{source}: no sparse layer (mlp_only_layers={hf.get('mlp_only_layers')}, decoder_sparse_step={step}): "
+                      "a Qwen3-MoE whose every MLP is dense is not supported")
     return dict(n_experts=experts, experts_per_token=hf["num_experts_per_tok"], dense_layers=tuple(dense),
                 expert_hidden=hf["moe_intermediate_size"], moe_norm_topk=bool(hf.get("norm_topk_prob", False)))
   return {}

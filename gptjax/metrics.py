@@ -36,6 +36,8 @@ def norms_by_group(tree: dict, layer_stacks: tuple = ()) -> dict:
              for name, sub in tree.items() if name not in stacks}
   per_layer = {name: sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
                          for leaf in jax.tree.leaves(tree[name])) for name in stacks}  # [layers in the stack]
+  if "h_dense" in tree and not layer_stacks:
+    raise ValueError("a tree with dense layers among sparse ones (h_dense) needs their places (layer_stacks)")
   layer_stacks = layer_stacks or tuple(("h", i) for i in range(len(per_layer["h"])))
   width = len(str(len(layer_stacks) - 1))
   squares |= {f"layer_{i:0{width}d}": per_layer[stack][index] for i, (stack, index) in enumerate(layer_stacks)}

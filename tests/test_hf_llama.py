@@ -243,8 +243,10 @@ def test_qwen3_moe_dense_layers_are_its_mlp_only_layers_and_the_steps_between_sp
   assert cfg.dense_layers == (0, 2, 3, 4)
   assert [stack for stack, _ in cfg.layer_stacks()] == ["h_dense", "h", "h_dense", "h_dense", "h_dense", "h"]
   assert hf_llama.hf_config(cfg)["mlp_only_layers"] == [0, 2, 3, 4]
-  with pytest.raises(UserError, match="every layer"):
+  with pytest.raises(UserError, match=r"hf: no sparse layer \(mlp_only_layers=\[1, 3, 5\], decoder_sparse_step=2\)"):
     hf_llama.model_config_from_hf(hf | {"mlp_only_layers": [1, 3, 5]}, "hf")
+  with pytest.raises(UserError, match="hf: decoder_sparse_step=0 is not a positive whole number"):
+    hf_llama.model_config_from_hf(hf | {"decoder_sparse_step": 0}, "hf")
 
 
 def test_a_mixture_exports_as_the_family_member_that_computes_it():

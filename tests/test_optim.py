@@ -184,3 +184,17 @@ def test_norms_by_group_cover_the_whole_tree():
   np.testing.assert_allclose(sum(float(n) ** 2 for n in norms.values()), float(optax.tree.norm(params)) ** 2, rtol=1e-5)
   layer_1 = sum(float(jnp.sum(jnp.square(x[1]))) for x in jax.tree.leaves(params["h"]))
   np.testing.assert_allclose(float(norms["layer_1"]) ** 2, layer_1, rtol=1e-5)
+
+
+def test_norms_by_group_number_dense_layers_among_sparse_ones_in_the_models_order():
+  cfg = config_lib.load_config("llama_shakespeare_cpu", [*LLAMA[1:], "model.n_layer=3", "model.n_experts=4",
+                                                         "model.dense_layers=[1]"]).model
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  norms = metrics.norms_by_group(params, cfg.layer_stacks())
+  assert sorted(norms) == ["layer_0", "layer_1", "layer_2", "lm_head", "ln_f", "wte"]
+  np.testing.assert_allclose(sum(float(n) ** 2 for n in norms.values()), float(optax.tree.norm(params)) ** 2, rtol=1e-5)
+  dense = sum(float(jnp.sum(jnp.square(x[0]))) for x in jax.tree.leaves(params["h_dense"]))
+  sparse = sum(float(jnp.sum(jnp.square(x[1]))) for x in jax.tree.leaves(params["h"]))  # layer 2: h's second
+  np.testing.assert_allclose([float(norms["layer_1"]) ** 2, float(norms["layer_2"]) ** 2], [dense, sparse], rtol=1e-5)
+  with pytest.raises(ValueError, match="needs their places"):
+    metrics.norms_by_group(params)

@@ -59,7 +59,11 @@ def scanned(cfg: ModelConfig, target: str | None = None) -> bool:
 
 def scan_report(cfg: ModelConfig) -> str:
   """The start-up line: whether the blocks are scanned, and why."""
-  how = "scanned (one lax.scan: compile time flat in depth)" if scanned(cfg) else "looped (unrolled: faster steps on CPU)"
+  stacks = [stack for stack, _ in cfg.layer_stacks()]
+  runs = 1 + sum(a != b for a, b in zip(stacks, stacks[1:]))  # of dense and sparse layers (model.dense_layers)
+  how = "looped (unrolled: faster steps on CPU)" if not scanned(cfg) else \
+      "scanned (one lax.scan: compile time flat in depth)" if runs == 1 else \
+      f"scanned ({runs} lax.scans, one per run of dense or sparse layers: compile time grows with the runs)"
   setting = str(cfg.scan_layers).lower()
   why = f"model.scan_layers={setting}" if setting != "auto" else (
       f"auto on {platform()}" + (f", {SCAN_FROM_LAYERS} layers or more scan" if platform() == "cpu" else ""))

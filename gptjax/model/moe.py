@@ -84,9 +84,10 @@ def ragged_experts(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD, activation):
   n, k = experts_NK.shape
   expert_M, group_sizes_E = _choices(experts_NK, fc_EDF.shape[0])
   order_M = jnp.argsort(expert_M, stable=True)  # the choices grouped by expert
-  x_MD = jnp.take(x_ND, order_M // k, axis=0)
+  mine_M1 = (expert_M[order_M] < fc_EDF.shape[0])[:, None]  # rows in no group: zeros in and out, whatever
+  x_MD = jnp.where(mine_M1, jnp.take(x_ND, order_M // k, axis=0), 0)  # the kernel leaves in them
   h_MF = activation(jax.lax.ragged_dot(x_MD, fc_EDF, group_sizes_E))
-  y_MD = jax.lax.ragged_dot(h_MF, proj_EFD, group_sizes_E)
+  y_MD = jnp.where(mine_M1, jax.lax.ragged_dot(h_MF, proj_EFD, group_sizes_E), 0)
   y_NKD = jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(n, k, -1)  # back in token order
   return jnp.einsum("nkd,nk->nd", y_NKD, weights_NK.astype(y_NKD.dtype))
 
@@ -114,9 +115,10 @@ def tiled_experts(x_ND, experts_NK, weights_NK, fc_EDF, proj_EFD, activation):
                                                                                   mode="drop")
   tile_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_tiles) * tile, side="right"),
                             experts - 1)  # the tiles past the last expert's hold zeros: any matrix serves
-  h_NTF = jnp.einsum("ntd,ndf->ntf", x_RD.reshape(n_tiles, tile, -1), jnp.take(fc_EDF, tile_expert, axis=0))
-  h_NTF = activation(h_NTF.reshape(n_tiles * tile, -1)).reshape(n_tiles, tile, -1)
-  y_RD = jnp.einsum("ntf,nfd->ntd", h_NTF, jnp.take(proj_EFD, tile_expert, axis=0)).reshape(n_tiles * tile, -1)
+  # L tiles of S rows, each times its expert's matrices
+  h_LSF = jnp.einsum("lsd,ldf->lsf", x_RD.reshape(n_tiles, tile, -1), jnp.take(fc_EDF, tile_expert, axis=0))
+  h_LSF = activation(h_LSF.reshape(n_tiles * tile, -1)).reshape(n_tiles, tile, -1)
+  y_RD = jnp.einsum("lsf,lfd->lsd", h_LSF, jnp.take(proj_EFD, tile_expert, axis=0)).reshape(n_tiles * tile, -1)
   y_NKD = jnp.take(y_RD, place_M, axis=0, mode="fill", fill_value=0).reshape(n, k, -1)
   return jnp.einsum("nkd,nk->nd", y_NKD, weights_NK.astype(y_NKD.dtype))
 
@@ -126,8 +128,8 @@ def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, kernel, 
   as is), the parameters placed by the rules: the experts over "expert", their hidden size over
   "tensor" (each device's slice, summed after), gathered over "fsdp". Tokens split over "expert"
   are all-gathered within their expert group, each device computes its own experts' choices, and
-  the sums are reduce-scattered back; tokens whole over "expert" (a batch it does not divide) are
-  summed. fc [E, D, (2,) F] and proj [E, F, D], their logical axes `fc_axes` and `proj_axes`."""
+  the sums are reduce-scattered back; tokens whole over "expert" (a token count that the batch axes
+  do not divide) are summed. fc [E, D, (2,) F] and proj [E, F, D], their logical axes `fc_axes` and `proj_axes`."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return kernel(x_ND, experts_NK, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation)
@@ -136,7 +138,7 @@ def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, kernel, 
     return sharding.fit(sharding.logical_to_spec(tuple(None if n == "embed" else n for n in names)), shape, mesh)
 
   rows, fc_spec, proj_spec = spec(("batch", None), x_ND.shape), spec(fc_axes, fc.shape), spec(proj_axes, proj.shape)
-  experts_split, hidden_split = fc_spec[0] is not None, proj_spec[1]
+  experts_split, hidden_axis = fc_spec[0] is not None, proj_spec[1]
   tokens_split = experts_split and fc_spec[0] in (rows[0] or ())
 
   def local(x_ND, experts_NK, weights_NK, fc, proj):
@@ -150,7 +152,7 @@ def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, kernel, 
       y_ND = jax.lax.psum_scatter(y_ND, fc_spec[0], scatter_dimension=0, tiled=True)
     elif experts_split:
       y_ND = jax.lax.psum(y_ND, fc_spec[0])
-    return jax.lax.psum(y_ND, hidden_split) if hidden_split else y_ND
+    return jax.lax.psum(y_ND, hidden_axis) if hidden_axis else y_ND
 
   return jax.shard_map(local, in_specs=(rows, rows, rows, fc_spec, proj_spec), out_specs=rows)(
       x_ND, experts_NK, weights_NK, fc, proj)
@@ -168,12 +170,15 @@ def matmul_kernel(cfg: ModelConfig) -> str:
 
 def report(cfg: ModelConfig, mesh) -> str:
   """The start-up line of a mixture: its experts, how the mesh splits them and the grouped matmuls' kernel."""
-  split = mesh.shape["expert"] if cfg.n_experts % mesh.shape["expert"] == 0 else 1
-  kernel = matmul_kernel(cfg)
-  how = f"{cfg.n_experts // split} per device over mesh.expert={split}" + (
-      f": each group of {split} devices all-gathers its tokens and reduce-scatters the experts' outputs"
-      if split > 1 else "")
+  split = mesh.shape["expert"]
+  if cfg.n_experts % split:
+    how = f"all on every device: mesh.expert={split} does not divide them"
+  else:
+    how = f"{cfg.n_experts // split} per device over mesh.expert={split}" + (
+        f": each group of {split} devices all-gathers its tokens and reduce-scatters the experts' outputs"
+        if split > 1 else "")
   dense = f"; dense layers {list(cfg.dense_layers)}" if cfg.dense_layers else ""
+  kernel = matmul_kernel(cfg)
   return (f"experts: {cfg.n_experts} of {cfg.expert_size} ({cfg.experts_per_token} per token{dense}), {how}; "
           f"grouped matmuls: {kernel} ({'model.moe_matmul' if cfg.moe_matmul != 'auto' else f'auto on {platform()}'})")
 

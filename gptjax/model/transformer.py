@@ -170,7 +170,8 @@ class GPT(nnx.Module):
 
   def _layer_graphdefs(self) -> list:
     """Each layer's block structure (its stack's), to merge with its parameters."""
-    return [nnx.graphdef(getattr(self, stack)) for stack, _ in self.cfg.layer_stacks()]
+    graphdefs = {stack: nnx.graphdef(getattr(self, stack)) for stack, _ in self.cfg.layer_stacks()}
+    return [graphdefs[stack] for stack, _ in self.cfg.layer_stacks()]
 
   def prefill(self, tokens_BT, cache_length: int, layers: list[nnx.State] | None = None):
     """A prompt [B, T] -> (the next token's logits [B, vocab], a cache of `cache_length` positions
