@@ -5,10 +5,10 @@ Parallelism is chosen by the mesh shape alone (`MeshConfig`): data parallelism s
 over "data"; FSDP (ZeRO-3) splits the batch and every parameter's embed axis over "fsdp"; expert
 parallelism splits a mixture's experts over "expert", and the batch too (outside the experts it is
 one more data axis; `gptjax.model.moe` exchanges the tokens); tensor parallelism (Megatron) splits
-attention heads, the MLP hidden axis and the vocabulary over "tensor". The model names the axes of its parameters and activations (see `gptjax.model`); the
-one table below maps them. Rules are tried in order and a mesh axis serves at most one dimension
-of an array, so an activation [batch, sequence, embed] keeps its embed axis whole: "fsdp" already
-splits its batch. A parameter dimension that a mesh axis does not divide (a vocabulary of 77 over
+attention heads, the MLP hidden axis and the vocabulary over "tensor". The model names the axes of
+its parameters and activations (see `gptjax.model`); the one table below maps them. Rules are tried
+in order and a mesh axis serves at most one dimension of an array, so an activation [batch,
+sequence, embed] keeps its embed axis whole: "fsdp" already splits its batch. A parameter dimension that a mesh axis does not divide (a vocabulary of 77 over
 tensor=8) stays whole on that axis.
 """
 

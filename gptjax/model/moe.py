@@ -33,6 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from gptjax import sharding
 from gptjax.config import ModelConfig
@@ -129,29 +130,35 @@ def expert_parallel(x_ND, experts_NK, weights_NK, fc, proj, activation, kernel, 
   "tensor" (each device's slice, summed after), gathered over "fsdp". Tokens split over "expert"
   are all-gathered within their expert group, each device computes its own experts' choices, and
   the sums are reduce-scattered back; tokens whole over "expert" (a token count that the batch axes
-  do not divide) are summed. fc [E, D, (2,) F] and proj [E, F, D], their logical axes `fc_axes` and `proj_axes`."""
+  do not divide) are summed. fc [E, D, (2,) F] and proj [E, F, D], their logical axes `fc_axes` and
+  `proj_axes`."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return kernel(x_ND, experts_NK, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation)
 
-  def spec(names, shape):  # the whole embed axis: FSDP gathers the weights for the matmuls
-    return sharding.fit(sharding.logical_to_spec(tuple(None if n == "embed" else n for n in names)), shape, mesh)
+  def spec(names, shape):
+    """The rules' spec, but the whole embed axis (FSDP gathers the weights for the matmuls) and no
+    mesh axis of one device (a collective over one device would be a no-op)."""
+    fitted = sharding.fit(sharding.logical_to_spec(tuple(None if n == "embed" else n for n in names)), shape, mesh)
+    many = [tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if mesh.shape[a] > 1) for axes in fitted]
+    return P(*[None if not axes else axes[0] if len(axes) == 1 else axes for axes in many])
 
   rows, fc_spec, proj_spec = spec(("batch", None), x_ND.shape), spec(fc_axes, fc.shape), spec(proj_axes, proj.shape)
-  experts_split, hidden_axis = fc_spec[0] is not None, proj_spec[1]
-  tokens_split = experts_split and fc_spec[0] in (rows[0] or ())
+  expert_axis, hidden_axis = fc_spec[0], proj_spec[1]  # "expert" and "tensor", where they split
+  row_axes = (rows[0],) if isinstance(rows[0], str) else rows[0] or ()
+  tokens_split = expert_axis is not None and expert_axis in row_axes
 
   def local(x_ND, experts_NK, weights_NK, fc, proj):
     first = 0
-    if experts_split:
-      first = jax.lax.axis_index(fc_spec[0]) * fc.shape[0]
+    if expert_axis:
+      first = jax.lax.axis_index(expert_axis) * fc.shape[0]
     if tokens_split:
-      x_ND, experts_NK, weights_NK = (jax.lax.all_gather(a, fc_spec[0], tiled=True) for a in (x_ND, experts_NK, weights_NK))
+      x_ND, experts_NK, weights_NK = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x_ND, experts_NK, weights_NK))
     y_ND = kernel(x_ND, experts_NK - first, weights_NK, fc.reshape(*fc.shape[:2], -1), proj, activation)
     if tokens_split:
-      y_ND = jax.lax.psum_scatter(y_ND, fc_spec[0], scatter_dimension=0, tiled=True)
-    elif experts_split:
-      y_ND = jax.lax.psum(y_ND, fc_spec[0])
+      y_ND = jax.lax.psum_scatter(y_ND, expert_axis, scatter_dimension=0, tiled=True)
+    elif expert_axis:
+      y_ND = jax.lax.psum(y_ND, expert_axis)
     return jax.lax.psum(y_ND, hidden_axis) if hidden_axis else y_ND
 
   return jax.shard_map(local, in_specs=(rows, rows, rows, fc_spec, proj_spec), out_specs=rows)(
