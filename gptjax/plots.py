@@ -14,20 +14,24 @@ import argparse
 import contextlib
 import os
 
-import matplotlib
-
 from gptjax import record
 from gptjax.errors import UserError
-
-matplotlib.use("Agg")  # files only, no window
-import matplotlib.pyplot as plt  # noqa: E402
 
 SIZE_INCHES, DPI = (8.0, 9.0), 100
 
 
+def _pyplot():
+  """matplotlib's pyplot on its file-only backend (Agg), imported when a figure is first drawn: half
+  a second that a run spends at its first evaluation rather than before its first step."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  return plt
+
+
 def draw(runs: dict[str, list[dict]], path: str, title: str) -> None:
   """The loss and learning-rate panels of `runs` ({label: metrics rows}), written to `path`."""
-  fig, (by_step, by_tokens, lr) = plt.subplots(3, 1, figsize=SIZE_INCHES, dpi=DPI, layout="constrained",
+  fig, (by_step, by_tokens, lr) = _pyplot().subplots(3, 1, figsize=SIZE_INCHES, dpi=DPI, layout="constrained",
                                                height_ratios=(3, 3, 1.6))
   single = len(runs) == 1
   for n, (label, rows) in enumerate(runs.items()):
@@ -57,7 +61,7 @@ LINE_STYLES = ("-", "--", ":", "-.")
 def draw_validation(groups: dict[str, list[list[dict]]], path: str, title: str) -> None:
   """The validation loss against steps of every run in `groups` ({label: [runs' metrics rows]}): a
   colour per group, a line style per run within it (the seeds of a sweep's variant), to `path`."""
-  fig, ax = plt.subplots(figsize=(8.0, 5.5), dpi=DPI, layout="constrained")
+  fig, ax = _pyplot().subplots(figsize=(8.0, 5.5), dpi=DPI, layout="constrained")
   for n, (label, runs) in enumerate(groups.items()):
     for i, rows in enumerate(runs):
       evaluated = [row for row in rows if row["kind"] == "eval"]
@@ -80,7 +84,7 @@ def _save(fig, path: str) -> None:
       os.remove(tmp)
     raise
   finally:
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def main(argv=None) -> None:

@@ -65,7 +65,8 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if n_devices % fixed:
-      raise UserError(f"mesh axes {sizes} do not divide the {n_devices} devices")
+      named = " x ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
+      raise UserError(f"mesh {named} does not divide the {n_devices} devices")
     sizes[sizes.index(-1)] = n_devices // fixed
   if math.prod(sizes) != n_devices:
     raise UserError(f"mesh data*fsdp*expert*tensor = {math.prod(sizes)} but there are {n_devices} devices")

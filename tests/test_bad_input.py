@@ -103,7 +103,7 @@ CASES = {
     "override without =": (train("train.max_iters"), "bad override 'train.max_iters': expected section.field=value"),
     "a section set to a value": (train("train=3"), "bad override 'train=3': expected section.field=value"),
     "the same key twice": ([*train(), "train.max_iters=7"], "train.max_iters is given twice"),
-    "mesh does not divide devices": (train("mesh.fsdp=3"), "mesh axes [-1, 3, 1] do not divide the 1 devices"),
+    "mesh does not divide devices": (train("mesh.fsdp=3"), "mesh data=-1 x fsdp=3 x expert=1 x tensor=1 does not divide the 1 devices"),
     # train: the data
     "data not prepared": (["train", "shakespeare_char_cpu", "data.dir={inp}/none", "train.out_dir={new}"],
                           "no prepared data", "gptjax prepare"),
@@ -182,7 +182,7 @@ CASES = {
     "perplexity: batch size 0": ([*PERPLEXITY, "--split", "val", "--batch-size", "0"], "batch_size=0 is not positive"),
     "perplexity: stride 0": ([*PERPLEXITY, "--split", "val", "--stride", "0"], "stride=0 is not in [1, block_size=32]"),
     "perplexity: mesh does not divide devices": ([*PERPLEXITY, "--split", "val", "mesh.fsdp=3"],
-                                                 "mesh axes [-1, 3, 1] do not divide the 1 devices"),
+                                                 "mesh data=-1 x fsdp=3 x expert=1 x tensor=1 does not divide the 1 devices"),
     "perplexity: text outside the vocabulary": ([*PERPLEXITY, "--text", "{inp}/french.txt"], "is not in the character vocabulary"),
     "perplexity: no such text": ([*PERPLEXITY, "--text", "{inp}/nope.txt"], "no text found"),
     "perplexity: data of another tokenizer": ([*PERPLEXITY, "--split", "val", "--data-dir", "{inp}/abc"],

@@ -37,6 +37,7 @@ def test_vs_transformers_prints_train_and_sampling_tables():
   assert "first token of a 32-token prompt, batch 1: gptjax" in output
 
 
+@pytest.mark.slow  # 37 s; prepare_speed covers the benchmarks' tiny runs in the default suite
 def test_accelerator_prints_gptjax_and_torch_rows():
   output = run_benchmark("accelerator.py", "--tiny")
   rows = table_rows(output, "")
@@ -125,12 +126,14 @@ def test_data_order_prints_each_loader():
   assert all(float(row[2].replace(",", "")) > 0 for row in rows)
 
 
+@pytest.mark.slow  # 20 s; as above
 def test_moe_mlp_prints_the_dense_and_both_routed_kernels():
   output = run_benchmark("moe_mlp.py", "--tiny")
   assert [row[1] for row in table_rows(output, "tiny")] == [
       "dense SwiGLU, same active size", "routed, moe_matmul=tiled", "routed, moe_matmul=ragged_dot"]
 
 
+@pytest.mark.slow  # 47 s; as above
 def test_demo_speed_compares_a_dense_and_a_mixture_with_their_validation_losses(char_data):
   dense, mixture = "model.n_layer=1 model.n_embd=32", "model.n_layer=1 model.n_embd=32 model.n_experts=4 model.expert_hidden=32"
   output = run_benchmark("demo_speed.py", "--config", "llama_shakespeare_cpu", "--data", char_data, "--steps", 40,

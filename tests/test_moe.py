@@ -212,8 +212,8 @@ def test_the_named_mixtures_have_their_published_sizes():
 
 def test_expert_parallel_with_ragged_dot_equals_one_device_in_values_and_gradients():
   """The accelerators' kernel (the runs below use the CPU's tiled one): the loss and gradients of a
-  model with a dense layer on meshes of 8 with the experts split 8, 4 (with tensor) and 2 (with
-  fsdp and data) ways, against no mesh. Each device's rows of other devices' experts are in no group."""
+  model with a dense layer on meshes of 8 with the experts split 4 (with tensor) and 2 (with fsdp
+  and data) ways, against no mesh. Each device's rows of other devices' experts are in no group."""
   cfg = dataclasses.replace(MOE, n_experts=8, moe_matmul="ragged_dot", dense_layers=(0,))
   params = model_lib.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (8, cfg.block_size), 0, cfg.vocab_size)
@@ -225,7 +225,7 @@ def test_expert_parallel_with_ragged_dot_equals_one_device_in_values_and_gradien
   gradient = jax.jit(jax.value_and_grad(loss))
   expected_loss, expected_grads = gradient(params, tokens)
   shapes, names = model_lib.abstract_params(cfg)
-  for axes in [dict(data=1, expert=8), dict(data=1, expert=4, tensor=2), dict(data=2, fsdp=2, expert=2)]:
+  for axes in [dict(data=1, expert=4, tensor=2), dict(data=2, fsdp=2, expert=2)]:
     mesh = sharding.make_mesh(config_lib.MeshConfig(**axes))
     placed = jax.device_put(params, sharding.param_shardings(shapes, names, mesh))
     with jax.set_mesh(mesh):
@@ -246,7 +246,8 @@ def one_device_moe_run(tmp_path_factory, char_data):
                      progress_bar=False, devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh", [("mesh.data=1", "mesh.expert=8"), ("mesh.data=2", "mesh.expert=4"),
+@pytest.mark.parametrize("mesh", [("mesh.data=1", "mesh.expert=8"),
+                                  pytest.param(("mesh.data=2", "mesh.expert=4"), marks=pytest.mark.slow),  # the suite's time
                                   ("mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"),
                                   ("mesh.data=1", "mesh.expert=4", "mesh.tensor=2")])
 def test_an_moe_run_on_a_mesh_of_8_matches_one_device(tmp_path, char_data, one_device_moe_run, mesh):

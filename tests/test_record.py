@@ -59,6 +59,7 @@ def test_tensorboard_holds_what_the_run_logged(tiny_run):
   check_loss_png(run / "loss.png")
 
 
+@pytest.mark.slow  # 46 s; the suite's time
 def test_a_resume_that_rewinds_drops_the_record_past_its_checkpoint(tmp_path, char_data):
   cfg = tiny_config(tmp_path, f"data.dir={char_data}", "train.max_iters=20", "train.eval_interval=10",
                     "train.checkpoint_interval=10")

@@ -5,6 +5,8 @@ import signal
 import statistics
 import time
 
+import pytest
+
 from PIL import Image
 
 from gptjax import checkpoint
@@ -56,6 +58,7 @@ def test_a_grid_is_trained_tabled_and_drawn_once(char_data, tmp_path):
   assert (out / "sweep.md").read_text() == table
 
 
+@pytest.mark.slow  # 47 s; a sweep's re-run (the grid test) and a run's resume (test_train) stay in the default suite
 def test_an_interrupted_sweep_continues_where_it_stopped(char_data, tmp_path):
   out = tmp_path / "sweep"
   args = _sweep_args(char_data, out, "--vary", "model.positions=learned,none",

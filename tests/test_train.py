@@ -92,6 +92,7 @@ def test_named_configs_start_on_1_2_4_and_8_devices(name, devices, tmp_path, cha
   _start_named(name, devices, tmp_path, char_data, capsys)
 
 
+@pytest.mark.slow  # the suite's time: kill -9 and SIGTERM resume exactly below, with dropout and accumulation
 def test_resume_continues_exactly(tmp_path, char_data):
   """8 steps straight == 4 steps, stop, --resume, 4 more: same losses, same parameters, bit for bit."""
   common = [f"data.dir={char_data}", "train.checkpoint_interval=4", "train.eval_interval=4",
@@ -114,6 +115,7 @@ def test_resume_continues_exactly(tmp_path, char_data):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # the suite's time; an old config reads as random order in test_data
 def test_a_checkpoint_from_before_data_order_resumes_its_random_draws_exactly(tmp_path, char_data, monkeypatch):
   """A run saved before data.order existed drew windows at random; resumed with today's defaults
   (auto: shuffled for one folder), it goes on drawing them as before."""
@@ -166,14 +168,16 @@ def test_resume_may_change_how_the_blocks_run(tmp_path, char_data):
   assert load_checkpoint(tmp_path / "b" / "out", "latest")[0].model.scan_layers  # the run's config records it
 
 
-@pytest.mark.parametrize("signum, seed", [(signal.SIGTERM, 0), pytest.param(signal.SIGTERM, 1, marks=pytest.mark.slow),
-                                          (signal.SIGKILL, 2)])
+@pytest.mark.parametrize("signum, seed", [pytest.param(signal.SIGTERM, 0, marks=pytest.mark.slow),  # the suite's time:
+                                          pytest.param(signal.SIGTERM, 1, marks=pytest.mark.slow),  # SIGTERM's resume is
+                                          (signal.SIGKILL, 2)])  # test_sigterm_saves_before_any_evaluation's too
 def test_stopped_at_a_random_step_then_resumed_exactly(tmp_path, char_data, signum, seed):
   """SIGTERM at a random step: that step is saved, the exit is 0, and --resume ends where an
   uninterrupted run ends, bit for bit. kill -9: --resume starts from the last checkpoint (taking
   over the dead trainer's lock) and ends the same."""
   args = ["train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", "train.max_iters=40", "train.log_interval=1",
-                                                 "train.checkpoint_interval=8", "train.eval_interval=8", "model.dropout=0.1"),
+                                                 "train.checkpoint_interval=8", "train.eval_interval=8", "model.dropout=0.1",
+                                                 "train.grad_accum_steps=2"),
           "--no-progress"]
   straight = run_cli(*args, f"train.out_dir={tmp_path / 'straight'}")
   assert straight.returncode == 0, straight.stderr
