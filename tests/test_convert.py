@@ -74,6 +74,7 @@ def test_logits_equal_transformers_small(small):
   assert diff <= 1e-4, diff
 
 
+@pytest.mark.slow  # 32 s; the small GPT-2 above checks the same mapping in the default run
 def test_logits_equal_transformers_gpt2_124m_shape(tmp_path):
   model = _hf_model(tmp_path / "hf")  # GPT2Config's defaults: GPT-2 small, 124M parameters
   convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "gptjax"))

@@ -121,10 +121,12 @@ def test_each_variant_decodes_with_its_cache_as_the_full_forward_pass(variant):
   cfg = dataclasses.replace(ONE_BLOCK, n_layer=2, **variant)
   params = _random_params(cfg, scale=0.2)
   tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
-  model = model_lib.bind(cfg, params)
-  logits, cache = model.prefill(tokens[:, :4], 10)
+  prefill = jax.jit(lambda params, prompt: model_lib.bind(cfg, params).prefill(prompt, 10))  # eager: slow
+  decode = jax.jit(lambda params, token, cache: model_lib.bind(cfg, params).decode(token, cache))
+  logits, cache = prefill(params, tokens[:, :4])
   decoded = [logits]
   for t in range(4, 9):
-    logits, cache = model.decode(tokens[:, t:t + 1], cache)
+    logits, cache = decode(params, tokens[:, t:t + 1], cache)
     decoded.append(logits)
-  np.testing.assert_allclose(jnp.stack(decoded, axis=1), model(tokens)[:, 3:9], atol=1e-4)
+  full = jax.jit(lambda params: model_lib.bind(cfg, params)(tokens))(params)
+  np.testing.assert_allclose(jnp.stack(decoded, axis=1), full[:, 3:9], atol=1e-4)

@@ -4,8 +4,6 @@ import random
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -293,7 +291,9 @@ def test_sigterm_saves_before_any_evaluation_and_the_step_is_ranked_once_resumed
   jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "a" / "out"), _final_params(tmp_path / "b" / "out"))
 
 
-def test_a_second_trainer_on_the_same_run_is_refused_and_a_stale_lock_is_not(tmp_path, char_data):
+def test_a_second_trainer_on_the_same_run_is_refused(tmp_path, char_data):
+  """While a run trains, a second `gptjax train` of it is refused; the lock goes with the first (a
+  lock left by a dead trainer is taken over: the kill -9 resume above)."""
   def args(max_iters):
     return ["train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", f"train.out_dir={tmp_path}", "train.log_interval=1",
                                                    f"train.max_iters={max_iters}", "train.checkpoint_interval=5000"), "--no-progress"]
@@ -308,14 +308,6 @@ def test_a_second_trainer_on_the_same_run_is_refused_and_a_stale_lock_is_not(tmp
   stdout, stderr = first.communicate(timeout=300)
   assert first.returncode == 0 and "stopped by SIGTERM" in stdout, stderr
   assert not (tmp_path / "gptjax.lock").exists()  # released when it stopped
-  stopped_at = load_checkpoint(tmp_path, "latest")[3]
-
-  # A lock left by a process that is gone (kill -9) does not block --resume.
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-  (tmp_path / "gptjax.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
-  again = run_cli(*args(stopped_at + 2), "--resume")
-  assert again.returncode == 0, again.stderr
-  assert load_checkpoint(tmp_path, "latest")[3] == stopped_at + 2
 
 
 @pytest.mark.parametrize("log, save", [(1, 1), pytest.param(10, 1, marks=pytest.mark.slow),  # (1, 1) covers skip and stop
