@@ -1,4 +1,4 @@
-"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert,explain,attention,plot,lower,sweep} ...
+"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert,explain,attention,plot,lower,sweep,serve} ...
 
 Bad input (a `UserError`) is printed as one line, `gptjax: error: ...`, with exit status 2.
 """
@@ -25,6 +25,7 @@ COMMANDS = {
     "plot": "gptjax.plots",
     "lower": "gptjax.lower",
     "sweep": "gptjax.sweep",
+    "serve": "gptjax.serve",
 }
 
 

@@ -31,11 +31,17 @@ from gptjax.config import ModelConfig
 from gptjax.errors import UserError
 
 
+def greedy(logits):
+  """logits: [B, V] -> the first of each row's largest [B]: two plain reductions, 3x faster on CPU
+  than argmax's."""
+  largest = jnp.max(logits, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(logits == largest, jnp.arange(logits.shape[-1]), logits.shape[-1]), axis=-1)
+
+
 def sample_logits(logits, rng, *, temperature: float, top_k: int, top_p: float):
   """logits: [B, V] -> token ids [B]. temperature 0 is greedy; top_k 0 and top_p 1 disable those."""
-  if temperature == 0:  # the first of the largest: two plain reductions, 3x faster on CPU than argmax's
-    largest = jnp.max(logits, axis=-1, keepdims=True)
-    return jnp.min(jnp.where(logits == largest, jnp.arange(logits.shape[-1]), logits.shape[-1]), axis=-1)
+  if temperature == 0:
+    return greedy(logits)
   logits = logits / temperature
   if top_k:
     kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]

@@ -35,10 +35,16 @@ from gptjax.model.layers import axes, capturing, compute_dtype, norm, sow
 @struct.dataclass
 class KVCache:
   """Keys and values, an array [B, kv_heads, S, head_dim] per layer, of which the first `length`
-  positions are filled. Each layer updates its own arrays in place."""
+  positions are filled: one length for every row (int32 []), or each row's own (int32 [B]: a server's
+  slots, each holding a different request). Each layer updates its own arrays in place."""
   key: tuple[jax.Array, ...]
   value: tuple[jax.Array, ...]
-  length: jax.Array  # int32 []
+  length: jax.Array  # int32 [] or [B]
+
+
+def positions(start: jax.Array, length: int) -> jax.Array:
+  """The positions of `length` tokens after `start` ([] or per row [B]) -> [T] or [B, T]."""
+  return jnp.expand_dims(start, -1) + jnp.arange(length)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -80,8 +86,8 @@ class CausalSelfAttention(nnx.Module):
       q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
       sow(self, "queries_normed", q_BTHK), sow(self, "keys_normed", k_BTGK)
     if self.cfg.positions == "rope":
-      positions = start + jnp.arange(x_BTD.shape[1]) if positions_BT is None else positions_BT
-      q_BTHK, k_BTGK = rotary.rotate(q_BTHK, positions, self.cfg), rotary.rotate(k_BTGK, positions, self.cfg)
+      at = positions(start, x_BTD.shape[1]) if positions_BT is None else positions_BT
+      q_BTHK, k_BTGK = rotary.rotate(q_BTHK, at, self.cfg), rotary.rotate(k_BTGK, at, self.cfg)
       sow(self, "queries_rotated", q_BTHK), sow(self, "keys_rotated", k_BTGK)
     if self.cfg.attention_scale == "none":  # every kernel divides the scores by sqrt(head_dim): undone here
       q_BTHK = q_BTHK * jnp.asarray(math.sqrt(self.cfg.head_size), q_BTHK.dtype)
@@ -109,10 +115,17 @@ class CausalSelfAttention(nnx.Module):
     return self.dropout(y_BTD, deterministic=dropout_key is None, rngs=dropout_key), cache
 
   def _write(self, k_BTGK, v_BTGK, cache: KVCache, layer) -> KVCache:
-    """The cache with the new keys and values written into layer `layer`'s arrays at cache.length."""
-    at = (0, 0, cache.length, 0)
-    k_BGSK, v_BGSK = (jax.lax.dynamic_update_slice(stored[layer], new.transpose(0, 2, 1, 3).astype(stored[layer].dtype), at)
-                      for stored, new in ((cache.key, k_BTGK), (cache.value, v_BTGK)))
+    """The cache with the new keys and values written into layer `layer`'s arrays at cache.length
+    (each row at its own, where the rows have their own lengths)."""
+
+    def write(stored_BGSK, new_BTGK):
+      new_BGTK = new_BTGK.transpose(0, 2, 1, 3).astype(stored_BGSK.dtype)
+      if cache.length.ndim == 0:
+        return jax.lax.dynamic_update_slice(stored_BGSK, new_BGTK, (0, 0, cache.length, 0))
+      return jax.vmap(lambda row, new, at: jax.lax.dynamic_update_slice(row, new, (0, at, 0)))(
+          stored_BGSK, new_BGTK, cache.length)
+
+    k_BGSK, v_BGSK = write(cache.key[layer], k_BTGK), write(cache.value[layer], v_BTGK)
     return cache.replace(key=(*cache.key[:layer], k_BGSK, *cache.key[layer + 1:]),
                          value=(*cache.value[:layer], v_BGSK, *cache.value[layer + 1:]))
 
@@ -120,8 +133,9 @@ class CausalSelfAttention(nnx.Module):
     """The queries over layer `layer`'s whole cache (already holding their own keys); keys past
     each query's position (unwritten ones too) are masked."""
     k_BGSK, v_BGSK = cache.key[layer], cache.value[layer]
-    query_pos_T = cache.length + jnp.arange(q_BTHK.shape[1])
-    return attend(q_BTHK, k_BGSK, v_BGSK, jnp.arange(k_BGSK.shape[2])[None, :] <= query_pos_T[:, None])
+    query_pos = positions(cache.length, q_BTHK.shape[1])  # [T] or [B, T]
+    mask = jnp.arange(k_BGSK.shape[2]) <= query_pos[..., None]  # [T, S] or [B, T, S]
+    return attend(q_BTHK, k_BGSK, v_BGSK, mask if mask.ndim == 2 else mask[:, None, None])
 
   def _attend_captured(self, q_BTHK, k_BTGK, v_BTGK):
     """`attend`'s computation over the whole causal mask, keeping its stages (per query head,

@@ -30,7 +30,7 @@ from flax import nnx
 from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.model import sinusoidal
-from gptjax.model.attention import CausalSelfAttention, KVCache
+from gptjax.model.attention import CausalSelfAttention, KVCache, positions
 from gptjax.model.documents import Documents
 from gptjax.model.layers import axes, capturing, compute_dtype, float32_logits, norm, scanned, soft_cap, sow
 from gptjax.model.loss import LOGITS_AXES, next_token_nll
@@ -155,12 +155,13 @@ class GPT(nnx.Module):
                                               softcap=self.cfg.logit_softcap)
     return nll_BT, log_partition_BT, router
 
-  def init_cache(self, batch: int, length: int | None = None) -> KVCache:
-    """An empty cache for `length` positions (default: the whole context, block_size)."""
+  def init_cache(self, batch: int, length: int | None = None, per_row: bool = False) -> KVCache:
+    """An empty cache for `length` positions (default: the whole context, block_size); `per_row`:
+    each row keeps its own length (`KVCache`)."""
     cfg = self.cfg
     empty = sharding.constrain(jnp.zeros((batch, cfg.kv_heads, length or cfg.block_size, cfg.head_size),
                                          compute_dtype(cfg)), CACHE_AXES)
-    return KVCache((empty,) * cfg.n_layer, (empty,) * cfg.n_layer, jnp.zeros((), jnp.int32))
+    return KVCache((empty,) * cfg.n_layer, (empty,) * cfg.n_layer, jnp.zeros((batch,) if per_row else (), jnp.int32))
 
   def layer_params(self) -> list[nnx.State]:
     """Each block's parameters, sliced out of its stack. A generation loop takes them from outside
@@ -197,10 +198,10 @@ class GPT(nnx.Module):
     x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(compute_dtype(cfg))
     sow(self, "token_embeddings", x_BTD)
     if cfg.positions in ("learned", "sinusoidal"):  # rotary positions are applied inside attention
-      positions = start + jnp.arange(tokens_BT.shape[1])  # [T]; [B, T] counted per document
-      positions = positions if documents is None or documents.positions_BT is None else documents.positions_BT
-      table = self.wpe(positions) if cfg.positions == "learned" else \
-          sinusoidal.table(positions, cfg.n_embd).astype(x_BTD.dtype)  # [(B,) T, embd]
+      at = positions(start, tokens_BT.shape[1])  # [T], or [B, T] for rows of their own lengths
+      at = at if documents is None or documents.positions_BT is None else documents.positions_BT  # per document
+      table = self.wpe(at) if cfg.positions == "learned" else \
+          sinusoidal.table(at, cfg.n_embd).astype(x_BTD.dtype)  # [(B,) T, embd]
       sow(self, "position_embeddings", table)
       x_BTD = x_BTD + table
       sow(self, "embeddings", x_BTD)
