@@ -57,6 +57,7 @@ def main() -> None:
   parser.add_argument("--clients", default="1,8,32")
   parser.add_argument("--per-client", type=int, default=4, help="requests each client sends, one after another")
   parser.add_argument("--max-tokens", type=int, default=48)
+  parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
   process, base_url = start_server(args.checkpoint, args.slots)
   try:
@@ -65,11 +66,16 @@ def main() -> None:
     alone = {p: client.completions.create(model=model, prompt=p, max_tokens=args.max_tokens, temperature=0)
              .choices[0].text for p in PROMPTS}  # also compiles every prompt bucket
     load(client, model, 1, 1, args.max_tokens, alone)  # warm-up
-    rows = [load(client, model, int(n), args.per_client, args.max_tokens, alone) for n in args.clients.split(",")]
+    rounds = [[load(client, model, int(n), args.per_client, args.max_tokens, alone) for n in args.clients.split(",")]
+              for _ in range(args.rounds)]  # the client counts alternated, medians over the rounds
+    rows = [{key: (np.median([r[i][key] for r in rounds]) if key in ("tokens_per_s", "p50", "p99")
+                   else sum(r[i][key] for r in rounds)) for key in rounds[0][i]} | {"clients": rounds[0][i]["clients"]}
+            for i in range(len(rounds[0]))]
   finally:
     process.terminate()
     process.wait(timeout=60)
-  print(f"gptjax serve {args.checkpoint}, {args.slots} slots, greedy, {args.max_tokens} new tokens per request")
+  print(f"gptjax serve {args.checkpoint}, {args.slots} slots, greedy, {args.max_tokens} new tokens per request, "
+        f"medians of {args.rounds} rounds")
   print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'tokens/s':>9} {'vs 1':>6} {'p50 s':>7} {'p99 s':>7} "
         f"{'same as alone':>13}")
   for row in rows:

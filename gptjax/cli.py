@@ -1,4 +1,4 @@
-"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert,explain,attention,plot,lower,sweep,serve} ...
+"""The `gptjax` command: gptjax {prepare,train,sample,perplexity,convert,explain,attention,plot,lower,sweep,serve,eval} ...
 
 Bad input (a `UserError`) is printed as one line, `gptjax: error: ...`, with exit status 2.
 """
@@ -26,6 +26,7 @@ COMMANDS = {
     "lower": "gptjax.lower",
     "sweep": "gptjax.sweep",
     "serve": "gptjax.serve",
+    "eval": "gptjax.harness",
 }
 
 

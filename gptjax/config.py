@@ -285,6 +285,10 @@ class TrainConfig:
   best_of: str = "val"
   sample_tokens: int = 200  # at each evaluation, a sample this long goes to TensorBoard / W&B; 0: none
   sample_prompt: str = ""  # ... continuing this text (empty: from end-of-text, or a character model's first character)
+  # lm-evaluation-harness tasks run at each evaluation (comma-separated names: the shipped tasks/, or
+  # lm-eval's own, read offline; the eval extra), their metrics recorded beside the losses; empty: none.
+  eval_tasks: str = ""
+  eval_tasks_limit: int = 100  # ... on at most this many documents per task; 0: all of them
 
   def micro_batches(self, shards: int) -> tuple[int, int]:
     """(sequences per micro-step over all devices, micro-steps per optimizer step) on `shards`
@@ -473,6 +477,7 @@ def validate(cfg: Config) -> Config:
       (t.peak_flops_per_device >= 0, f"train.peak_flops_per_device={t.peak_flops_per_device} is negative (0 looks it up)"),
       (t.checkpoint_minutes >= 0, f"train.checkpoint_minutes={t.checkpoint_minutes} is negative (0 turns it off)"),
       (t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} is negative (0 turns it off)"),
+      (t.eval_tasks_limit >= 0, f"train.eval_tasks_limit={t.eval_tasks_limit} is negative (0: every document)"),
       (not t.profile or (re.fullmatch(r"\d+:\d+", t.profile) and t.profile_steps[0] < t.profile_steps[1]),
        f"train.profile={t.profile!r} is not START:END with 0 <= START < END (steps, e.g. 100:105)"),
       (o.learning_rate > 0 and 0 <= o.min_lr <= o.learning_rate,

@@ -8,7 +8,9 @@ The standard method for fixed-context models (as in Hugging Face's perplexity gu
 to `block_size` tokens start every `stride` tokens; each window scores only the tokens that earlier
 windows did not, each with at least `block_size - stride` tokens of context where the text has them.
 With stride < block_size every token after the first is scored once; stride = block_size gives
-disjoint windows, whose first tokens have no context and are not scored.
+disjoint windows, whose first tokens have no context and are not scored. A `--text` is read as a
+document (`document_tokens`): after end-of-text (GPT-2) or its beginning-of-sequence token (Llama),
+so its first token is scored too; a character model's first character is not.
 
 Parameters are placed on a device mesh by the same rules as in training (`mesh.*` overrides; by
 default data parallel over this machine's devices, the windows of a batch split between them).
@@ -34,6 +36,14 @@ from gptjax.errors import UserError
 
 
 BATCH_TOKENS = 16_384  # the default batch of windows: 256 of the demo's 64 tokens, 8 of 2048 (few dispatches)
+
+
+def document_tokens(tok, text: str) -> np.ndarray:
+  """A text's tokens as the model reads a document: after its beginning-of-sequence token (Llama)
+  or, without one, after end-of-text (GPT-2: training saw each document after the one before it
+  ended), so that its first token is scored too; a character model's text as it is."""
+  prefix = [tok.eot_id] if tok.bos_id is None and tok.eot_id is not None else []
+  return np.asarray(prefix + tokenizer_lib.encode_sequence(tok, text), np.int32)
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -114,7 +124,7 @@ def main(argv=None) -> None:
   cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(args.checkpoint, args.step, mesh)
   tok = tokenizer_lib.from_meta(tokenizer_meta)
   if args.text is not None:
-    tokens = np.asarray(tokenizer_lib.encode_sequence(tok, sources.read_text(args.text)), np.int32)
+    tokens = document_tokens(tok, sources.read_text(args.text))
     what = args.text
   else:
     data_dir = args.data_dir or cfg.data.dir

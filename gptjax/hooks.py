@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from gptjax import checkpoint
 from gptjax import data
+from gptjax import harness
 from gptjax import metrics as metrics_lib
 from gptjax import plots
 from gptjax import record
@@ -138,6 +139,25 @@ class SampleText:
                              max_new_tokens=t.sample_tokens, temperature=0.8, rng=jax.random.key(t.seed + step),
                              eot_id=self.tok.eot_id, mesh=self.mesh)[0]
     self.record.text(step, "sample", sample.continuation(self.tok, t.sample_prompt, tokens))
+    self.throughput.reset(step)
+
+
+class EvalTasks:
+  """The lm-evaluation-harness tasks of train.eval_tasks on the model as it is (`gptjax.harness`),
+  their metrics logged and recorded beside the losses (metrics.jsonl rows of kind "tasks";
+  TensorBoard and W&B tasks/TASK/METRIC). Single-process runs only."""
+
+  def __init__(self, cfg: Config, tok, mesh, log: Callable[[str], None], run_record: record.Record | None,
+               throughput: metrics_lib.Throughput):
+    self.cfg, self.tok, self.mesh, self.log, self.record, self.throughput = cfg, tok, mesh, log, run_record, throughput
+    self.tasks = cfg.train.eval_tasks.split(",")
+
+  def __call__(self, step: int, state: TrainState, step_metrics: dict) -> None:
+    lm = harness.make_lm(self.cfg, self.tok, state.params, self.mesh)
+    values = harness.metrics(harness.evaluate_tasks(lm, self.tasks, limit=self.cfg.train.eval_tasks_limit or None))
+    self.log(f"step {step}: " + ", ".join(f"{name} {value:.4f}" for name, value in values.items()))
+    if self.record is not None:
+      self.record.write("tasks", step, values)
     self.throughput.reset(step)
 
 

@@ -18,6 +18,7 @@ from gptjax import checkpoint
 from gptjax import compile_cache
 from gptjax import config as config_lib
 from gptjax import data
+from gptjax import harness
 from gptjax import hooks
 from gptjax import lock
 from gptjax import metrics
@@ -200,6 +201,10 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.model), optim.lr_schedule(cfg.optim)
   document_start = data.document_start(cfg.data, tok)
   sample_prompt = hooks.sample_prompt_ids(tok, t.sample_prompt)  # checked before anything is written
+  if t.eval_tasks:
+    if jax.process_count() > 1:
+      raise UserError("train.eval_tasks runs in single-process runs only; evaluate a checkpoint with gptjax eval")
+    harness.check_tasks(t.eval_tasks.split(","))
   checkpoint.create_dir(t.out_dir, _checkpoint_bytes(cfg.model, tx))  # once the run is known sound: bad input writes nothing
 
   with lock.RunLock(t.out_dir, hold=jax.process_index() == 0):  # process 0 holds it for a multi-host run
@@ -240,6 +245,8 @@ def train(cfg: config_lib.Config, *, resume: bool = False, progress_bar: bool = 
         hooks.Hook(evaluation, every=(t.eval_interval,)),
         *([hooks.Hook(hooks.SampleText(cfg, tok, sample_prompt, mesh, run_record, throughput),
                       every=(t.eval_interval,))] if sample_text else []),
+        *([hooks.Hook(hooks.EvalTasks(cfg, tok, mesh, log, run_record, throughput), every=(t.eval_interval,))]
+          if t.eval_tasks else []),
         *([hooks.Hook(hooks.PlotLoss(run_record, t.out_dir), every=(t.eval_interval,))] if run_record else []),
         hooks.Hook(save, every=(t.checkpoint_interval,)),
         *([hooks.Hook(hooks.SaveEvery(save, t.checkpoint_minutes), every=(t.log_interval,))] if t.checkpoint_minutes else []),

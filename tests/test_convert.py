@@ -109,7 +109,8 @@ def test_perplexity_equals_transformers_sliding_window(small, tmp_path):
   model, _, imported = small
   cfg, tok, params, _ = load_checkpoint(imported)
   text = sources.read_text(sources.BUILTIN_SHAKESPEARE)[:3000]
-  tokens = np.asarray(tok.encode(text))
+  tokens = evaluate.document_tokens(tok, text)  # after end-of-text, as the command reads a text
+  assert tokens[0] == tok.eot_id and tokens[1:].tolist() == tok.encode(text)
   expected_nll, expected_count = transformers_sliding_window_nll(model, tokens, 64, 24)
   ours = evaluate.perplexity(cfg.model, params, tokens, stride=24)
   assert ours["tokens"] == expected_count == len(tokens) - 1

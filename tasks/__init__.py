@@ -1,0 +1,1 @@
+"""The shipped lm-evaluation-harness tasks (YAML and JSON lines), installed as package data."""
