@@ -292,6 +292,8 @@ def export_hf(run_dir: str, hf_dir: str, which: str = "best") -> int:
   (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
   if tokenizer_meta["kind"] == "hf":
     (staging / "tokenizer.json").write_text(tokenizer_meta["tokenizer_json"], encoding="utf-8")
+  if tokenizer_meta.get("chat_template"):
+    (staging / "tokenizer_config.json").write_text(json.dumps({"chat_template": tokenizer_meta["chat_template"]}))
   if tokenizer_meta["kind"] == "gpt2":
     (staging / "vocab.json").write_bytes((tokenizer_lib.GPT2_ASSETS / "encoder.json").read_bytes())
     (staging / "merges.txt").write_bytes((tokenizer_lib.GPT2_ASSETS / "vocab.bpe").read_bytes())

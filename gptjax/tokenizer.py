@@ -98,33 +98,32 @@ class HFTokenizer:
   beginning-of-sequence token (bos_token_id: starts each sequence, where the tokenizer's own
   template adds it, as Llama's does)."""
 
-  def __init__(self, tokenizer_json: str, eot_id: int | None = None, bos_id: int | None = None):
+  def __init__(self, tokenizer_json: str, eot_id: int | None = None, bos_id: int | None = None,
+               chat_template: str | None = None):
     import tokenizers
     try:
       self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
     except Exception as e:  # the library raises its own types for a malformed file
       raise UserError(f"not a Hugging Face tokenizer.json: {str(e).splitlines()[0]}") from None
-    self._json, self.eot_id = tokenizer_json, eot_id
+    self._json, self.eot_id, self.chat_template = tokenizer_json, eot_id, chat_template
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     with_template = self._tokenizer.encode("a", add_special_tokens=True).ids
     self.bos_id = bos_id if bos_id is not None and with_template[:1] == [bos_id] else None
 
   @classmethod
   def from_file(cls, path: str) -> "HFTokenizer":
-    """A tokenizer.json; its end-of-text is the eos_token_id of a config.json beside it, if any."""
+    """A tokenizer.json; its end-of-text is the eos_token_id of a config.json beside it, if any,
+    and its chat template the chat_template of a tokenizer_config.json beside it, if any."""
     path = pathlib.Path(path)
-    config = {}
-    if (path.parent / "config.json").is_file():
-      try:
-        config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
-      except ValueError:
-        raise UserError(f"{path.parent / 'config.json'} is not readable JSON") from None
+    config, tokenizer_config = _json_beside(path, "config.json"), _json_beside(path, "tokenizer_config.json")
     try:
       text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f"cannot read {path}: {e}") from None
     first = lambda ids: ids[0] if isinstance(ids, list) else ids  # noqa: E731 (some configs list several)
-    return cls(text, first(config.get("eos_token_id")), first(config.get("bos_token_id")))
+    template = tokenizer_config.get("chat_template")
+    return cls(text, first(config.get("eos_token_id")), first(config.get("bos_token_id")),
+               template if isinstance(template, str) else None)
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -136,7 +135,19 @@ class HFTokenizer:
     return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
   def to_meta(self) -> dict:
-    return {"kind": "hf", "tokenizer_json": self._json, "eot_id": self.eot_id, "bos_id": self.bos_id}
+    meta = {"kind": "hf", "tokenizer_json": self._json, "eot_id": self.eot_id, "bos_id": self.bos_id}
+    return meta | ({"chat_template": self.chat_template} if self.chat_template else {})
+
+
+def _json_beside(path: pathlib.Path, name: str) -> dict:
+  """The JSON object in the file `name` beside `path`; {} if there is none."""
+  if not (path.parent / name).is_file():
+    return {}
+  try:
+    value = json.loads((path.parent / name).read_text(encoding="utf-8"))
+  except ValueError:
+    raise UserError(f"{path.parent / name} is not readable JSON") from None
+  return value if isinstance(value, dict) else {}
 
 
 Tokenizer = CharTokenizer | GPT2Tokenizer | HFTokenizer
@@ -153,5 +164,5 @@ def from_meta(meta: dict) -> Tokenizer:
   if meta.get("kind") == "gpt2":
     return GPT2Tokenizer()
   if meta.get("kind") == "hf":
-    return HFTokenizer(meta["tokenizer_json"], meta.get("eot_id"), meta.get("bos_id"))
+    return HFTokenizer(meta["tokenizer_json"], meta.get("eot_id"), meta.get("bos_id"), meta.get("chat_template"))
   raise UserError(f"unknown tokenizer {meta.get('kind')!r}")

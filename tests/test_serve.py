@@ -158,3 +158,65 @@ def test_a_port_in_use_is_one_line(server):
   port = server[0].rsplit(":", 1)[1]
   one_line_error(run_cli("serve", "--checkpoint", server[1], "--port", port), f"cannot listen on 127.0.0.1:{port}",
                  "ddress already in use")
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+  """(base URL, the tokenizers.Tokenizer) of a server on a random Llama-family model whose
+  tokenizer (a BPE trained here, with <s> and </s>) has a chat template."""
+  import tokenizers
+  import torch
+  import transformers
+  from gptjax import convert
+  from gptjax import sources
+  root = tmp_path_factory.mktemp("chat")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator([sources.read_text(sources.BUILTIN_SHAKESPEARE)[:50_000]], tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+      num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+      initializer_range=0.2)).save_pretrained(root / "hf")
+  (root / "hf" / "tokenizer.json").write_text(tok.to_str())
+  (root / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+  convert.import_hf(str(root / "hf"), str(root / "run"))
+  process = start_cli("serve", "--checkpoint", root / "run", "--port", "0", "--slots", "2")
+  line = process.stdout.readline()
+  assert "at http://" in line, line
+  yield line.split(" at ")[-1].strip(), tok
+  process.terminate()
+  process.wait(timeout=60)
+
+
+def test_chat_completions_follow_the_tokenizers_chat_template(chat_server):
+  base, tok = chat_server
+  client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+  messages = [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "Who is there?"}]
+  chat = client.chat.completions.create(model="run", messages=messages, max_tokens=10, temperature=0)
+  import jinja2
+  rendered = jinja2.Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+  ids = tok.encode(rendered, add_special_tokens=False).ids
+  assert ids.count(0) == 3  # the template's <s> are special tokens, not their characters
+  plain = client.completions.create(model="run", prompt=ids, max_tokens=10, temperature=0)
+  assert chat.choices[0].message.role == "assistant" and chat.object == "chat.completion"
+  assert chat.choices[0].message.content == plain.choices[0].text
+  assert chat.usage.prompt_tokens == len(ids)
+  streamed = list(client.chat.completions.create(model="run", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+  assert streamed[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == plain.choices[0].text
+  assert httpx.get(f"{base.removesuffix('/v1')}/tokenizer_info").json()["chat_template"] == CHAT_TEMPLATE
+
+
+def test_chat_without_a_template_or_with_bad_messages_is_a_400(server, chat_server):
+  reply = httpx.post(f"{server[0]}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+  assert reply.status_code == 400 and "no chat template" in reply.json()["error"]["message"]
+  reply = httpx.post(f"{chat_server[0]}/chat/completions", json={"messages": [{"role": "user"}]})
+  assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"

@@ -1,4 +1,5 @@
-"""Serving a checkpoint over OpenAI's completions API, with continuous batching.
+"""Serving a checkpoint over OpenAI's completions API (and chat completions, where the tokenizer
+has a chat template), with continuous batching.
 
     gptjax serve --checkpoint out/shakespeare_char_cpu                 # http://127.0.0.1:8000/v1
     gptjax serve --checkpoint out/gpt2 --port 8080 --slots 32 mesh.tensor=2

@@ -1,5 +1,5 @@
-"""The HTTP API (FastAPI): OpenAI's `/v1/completions` (streamed as server-sent events too),
-`/v1/models`, `/health`, and the tokenizer endpoints lm-evaluation-harness's `local-completions`
+"""The HTTP API (FastAPI): OpenAI's `/v1/completions` and, where the tokenizer has a chat
+template, `/v1/chat/completions` (both streamed as server-sent events too), `/v1/models`, `/health`, and the tokenizer endpoints lm-evaluation-harness's `local-completions`
 uses (`/tokenizer_info`, `/tokenize`, `/detokenize`, as vLLM has them). Every request is checked
 before it reaches the engine; a bad one gets an OpenAI error body and a 4xx status."""
 
@@ -45,7 +45,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
   async def tokenizer_info():
     special = lambda i: None if i is None else tok.decode([i])  # noqa: E731
     return {"eos_token": special(tok.eot_id), "bos_token": special(tok.bos_id), "pad_token": None,
-            "model_max_length": cfg.block_size, "tokenizer_class": type(tok).__name__}
+            "model_max_length": cfg.block_size, "tokenizer_class": type(tok).__name__,
+            "chat_template": getattr(tok, "chat_template", None)}
 
   @app.post("/tokenize")
   async def tokenize(request: Request):
@@ -64,16 +65,36 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
   @app.post("/v1/completions")
   async def completions(request: Request):
+    body = await _checked_body(request)
+    sampling, n = protocol.sampling(body, cfg.vocab_size)
+    prompts = protocol.prompts(body, tok, cfg.vocab_size)
+    return await _respond(request, body, prompts, sampling, n, chat=False)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(request: Request):
+    body = await _checked_body(request)
+    prompt = protocol.chat_prompt(body, tok)
+    if body.get("max_completion_tokens") is not None:
+      body["max_tokens"] = body["max_completion_tokens"]
+    body.setdefault("max_tokens", max(cfg.block_size - len(prompt), 1))  # the rest of the context
+    if body.get("logprobs") or body.get("echo"):
+      raise BadRequest("logprobs and echo are served by /v1/completions, not for chat", "logprobs")
+    sampling, n = protocol.sampling(body, cfg.vocab_size)
+    return await _respond(request, body, [prompt], sampling, n, chat=True)
+
+  async def _checked_body(request: Request) -> dict:
     body = await _body(request)
     if body.get("model") not in (None, model_name):
       raise BadRequest(f"the model {body.get('model')!r} does not exist; this server has {model_name!r}", "model",
                        status=404, code="model_not_found")
-    sampling, n = protocol.sampling(body, cfg.vocab_size)
-    prompts = protocol.prompts(body, tok, cfg.vocab_size)
-    for prompt in prompts:
-      protocol.check_length(prompt, sampling.max_tokens, cfg.block_size)
     if engine.error is not None:
       raise BadRequest(f"the engine has stopped: {engine.error!r}", status=503)
+    return body
+
+  async def _respond(request: Request, body: dict, prompts: list[list[int]], sampling, n: int, chat: bool):
+    """Submits n choices of each prompt; answers when all have finished, or streams them."""
+    for prompt in prompts:
+      protocol.check_length(prompt, sampling.max_tokens, cfg.block_size)
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     generations = []
@@ -85,10 +106,11 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         generations.append(Generation(prompt, seeded, tok, on_event))
     for generation in generations:
       engine.submit(generation)
+    choices = [_Choice(g, tok, chat) for g in generations]
     if body.get("stream", False):
       usage = bool((body.get("stream_options") or {}).get("include_usage"))
-      return EventSourceResponse(_stream(generations, events, model_name, tok, usage), ping=15)
-    return await _complete(request, generations, events, model_name, tok)
+      return EventSourceResponse(_stream(choices, events, model_name, usage), ping=15)
+    return await _complete(request, choices, events, model_name)
 
   return app
 
@@ -119,10 +141,11 @@ def _encode_with_special(tok, text: str) -> list[int]:
 
 
 class _Choice:
-  """What a response shows of one generation: its text and tokens so far."""
+  """What a response shows of one generation: its text and tokens so far, as a completion's choice
+  or a chat completion's (a message; in a stream, deltas)."""
 
-  def __init__(self, generation: Generation, tok):
-    self.generation, self.tok = generation, tok
+  def __init__(self, generation: Generation, tok, chat: bool):
+    self.generation, self.tok, self.chat = generation, tok, chat
     self.tokens, self.text = [], ""
 
   def take(self, tokens) -> tuple[str, list]:
@@ -132,12 +155,18 @@ class _Choice:
     self.text += text
     return text, tokens
 
-  def body(self, index: int, text: str, tokens: list, offset: int, finished: bool) -> dict:
+  def body(self, index: int, text: str, tokens: list, offset: int, finished: bool, delta: bool = False) -> dict:
+    """The choice with `text` (`tokens`, from `offset` of the choice's text): all of it, or in a
+    stream (`delta`) what is new."""
+    finish_reason = self.generation.finish_reason if finished else None
+    if self.chat:
+      content = {"content": text} | ({"role": "assistant"} if not delta or offset == 0 else {})
+      return {"index": index, ("delta" if delta else "message"): content, "logprobs": None,
+              "finish_reason": finish_reason}
     logprobs = None
     if self.generation.sampling.logprobs is not None:
       logprobs = protocol.logprobs_body(tokens, self.tok, offset)
-    return {"text": text, "index": index, "logprobs": logprobs,
-            "finish_reason": self.generation.finish_reason if finished else None}
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _usage(generations: list[Generation]) -> dict:
@@ -151,8 +180,8 @@ def _check_finished(generations: list[Generation]) -> None:
     raise BadRequest("the engine failed while generating", status=500)
 
 
-async def _complete(request: Request, generations, events: asyncio.Queue, model: str, tok):
-  choices = [_Choice(g, tok) for g in generations]
+async def _complete(request: Request, choices: list[_Choice], events: asyncio.Queue, model: str):
+  generations = [c.generation for c in choices]
   remaining = len(generations)
   try:
     while remaining:
@@ -171,15 +200,15 @@ async def _complete(request: Request, generations, events: asyncio.Queue, model:
       generation.cancelled = True  # those still running free their slots (finished ones: no effect)
   _check_finished(generations)
   return protocol.completion(model, [c.body(i, c.text, c.tokens, 0, True) for i, c in enumerate(choices)],
-                             _usage(generations))
+                             _usage(generations), chat=choices[0].chat)
 
 
-async def _stream(generations, events: asyncio.Queue, model: str, tok, usage: bool):
+async def _stream(choices: list[_Choice], events: asyncio.Queue, model: str, usage: bool):
   """Server-sent events: a chunk per handed-over list of tokens, one with each finish reason,
   (`usage`: one with the token counts) then [DONE]; a client that leaves cancels its generations
   (the generator is closed). A failed engine ends the stream with an error body."""
-  choices = [_Choice(g, tok) for g in generations]
-  object_id = protocol.completion(model, [])["id"]
+  generations, chat = [c.generation for c in choices], choices[0].chat
+  object_id = protocol.completion(model, [], chat=chat)["id"]
   remaining = len(generations)
   try:
     while remaining:
@@ -190,14 +219,14 @@ async def _stream(generations, events: asyncio.Queue, model: str, tok, usage: bo
         if choice.generation.finish_reason == "error":
           yield json.dumps(BadRequest("the engine failed while generating", status=500).body())
           return
-        chunk = choice.body(index, "", [], len(choice.text), True)
+        chunk = choice.body(index, "", [], len(choice.text), True, delta=True)
       else:
         offset = len(choice.text)
         text, tokens = choice.take(event)
-        chunk = choice.body(index, text, tokens, offset, False)
-      yield json.dumps(protocol.completion(model, [chunk], object_id=object_id))
+        chunk = choice.body(index, text, tokens, offset, False, delta=True)
+      yield json.dumps(protocol.completion(model, [chunk], object_id=object_id, chat=chat, chunk=True))
     if usage:
-      yield json.dumps(protocol.completion(model, [], _usage(generations), object_id))
+      yield json.dumps(protocol.completion(model, [], _usage(generations), object_id, chat=chat, chunk=True))
     yield "[DONE]"
   finally:
     for generation in generations:

@@ -1,6 +1,7 @@
 """OpenAI's completions request, checked, and the parts of its response: what a request may say,
 and the error (an OpenAI error body, status 4xx) for what it may not."""
 
+import functools
 import math
 import time
 import uuid
@@ -104,6 +105,37 @@ def sampling(body: dict, vocab_size: int) -> tuple[Sampling, int]:
                   stop=tuple(stop), logprobs=logprobs, echo=body.get("echo", False)), n
 
 
+def chat_prompt(body: dict, tokenizer) -> list[int]:
+  """The tokens of `messages` as the tokenizer's chat template writes them, with the assistant's
+  turn opened (transformers' `apply_chat_template(..., add_generation_prompt=True)`)."""
+  template = getattr(tokenizer, "chat_template", None)
+  if not template:
+    raise BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
+  messages = body.get("messages")
+  if not isinstance(messages, list) or not messages or not all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+    raise BadRequest("messages must be a non-empty list of {role, content} objects with text content", "messages")
+  special = lambda i: "" if i is None else tokenizer.decode([i])  # noqa: E731
+  try:
+    text = _template(template).render(messages=messages, add_generation_prompt=True,
+                                       bos_token=special(tokenizer.bos_id), eos_token=special(tokenizer.eot_id))
+  except Exception as e:  # the template's own errors (raise_exception), or jinja2's
+    raise BadRequest(f"the chat template refused the messages: {e}", "messages") from None
+  return tokenizer.encode(text)
+
+
+@functools.cache
+def _template(source: str):
+  import jinja2.sandbox
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  environment.globals["raise_exception"] = raise_exception
+  return environment.from_string(source)
+
+
 def check_length(prompt: list[int], max_tokens: int, block_size: int) -> None:
   if len(prompt) + max_tokens > block_size:
     raise BadRequest(f"this model's context is {block_size} tokens; the prompt has {len(prompt)} and max_tokens "
@@ -123,9 +155,12 @@ def logprobs_body(tokens: list[Token], tokenizer, offset: int = 0) -> dict:
           "text_offset": text_offset}
 
 
-def completion(model: str, choices: list[dict], usage: dict | None = None, object_id: str | None = None) -> dict:
-  body = {"id": object_id or f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-          "model": model, "choices": choices}
+def completion(model: str, choices: list[dict], usage: dict | None = None, object_id: str | None = None,
+               chat: bool = False, chunk: bool = False) -> dict:
+  """A completion (or chat completion; a stream's chunk of one) holding `choices`."""
+  kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+  body = {"id": object_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
+          "created": int(time.time()), "model": model, "choices": choices}
   if usage is not None:
     body["usage"] = usage
   return body
