@@ -19,6 +19,7 @@ rolling-perplexity task over Milton's verse) show how: a YAML beside a JSON-line
 """
 
 import argparse
+import copy
 import functools
 import importlib.resources
 import json
@@ -33,12 +34,14 @@ import numpy as np
 from gptjax import evaluate
 from gptjax import model as model_lib
 from gptjax import sharding
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.serve.engine import FINISHED
 from gptjax.serve.engine import Engine
 from gptjax.serve.engine import Generation
 from gptjax.serve.engine import Sampling
 
+GENERATION_SLOTS = 16  # generate_until's requests decoded together
 TASKS_DIR = str(importlib.resources.files("gptjax.tasks"))  # the repository's tasks/, installed as package data
 
 
@@ -69,16 +72,43 @@ def _continuation_scores(params, inputs_BT, targets_BT, *, cfg):
 
 def make_lm(cfg, tokenizer, params, mesh=None, batch_size: int = 16, max_gen_toks: int = 256):
   """A gptjax model as an lm-eval `LM`: cfg a Config, params placed on `mesh`."""
+  return _lm_class()(cfg, tokenizer, params, mesh, batch_size, max_gen_toks)
+
+
+def register() -> None:
+  """Registers "gptjax" with lm-eval: `lm_eval.simple_evaluate(model="gptjax",
+  model_args="checkpoint=DIR,step=best,batch_size=16")`."""
+  _lm_eval()
+  from lm_eval.api.registry import register_model
+  register_model("gptjax")(_lm_class())
+
+
+@functools.cache
+def _lm_class():
+  """The LM class, made once lm-eval is imported (an optional extra)."""
   TemplateLM = _lm_eval()
 
   class GptjaxLM(TemplateLM):
 
-    def __init__(self):
+    def __init__(self, cfg, tokenizer, params, mesh=None, batch_size: int = 16, max_gen_toks: int = 256):
       super().__init__()
       self.cfg, self.tokenizer, self.params, self.mesh = cfg.model, tokenizer, params, mesh
       shards = sharding.batch_shards(mesh)
-      self.batch_size, self.max_gen_toks = -(-batch_size // shards) * shards, max_gen_toks
-      self._engine = None
+      self.batch_size, self.max_gen_toks = -(-int(batch_size) // shards) * shards, int(max_gen_toks)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+      """`checkpoint=DIR[,step=best][,batch_size=16][,max_gen_toks=256]`, as lm-eval's model_args."""
+      args = dict(item.split("=", 1) for item in arg_string.split(",") if item)
+      return cls.create_from_arg_obj(args, additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, args: dict, additional_config: dict | None = None):
+      args = dict(args)
+      if "checkpoint" not in args:
+        raise UserError("the gptjax model needs model_args checkpoint=DIR")
+      cfg, tok, params, mesh = _load(args.pop("checkpoint"), args.pop("step", "best"), [])
+      return cls(cfg, tok, params, mesh, **{k: v for k, v in args.items() if k in ("batch_size", "max_gen_toks")})
 
     @property
     def eot_token_id(self):
@@ -99,124 +129,126 @@ def make_lm(cfg, tokenizer, params, mesh=None, batch_size: int = 16, max_gen_tok
       return self.tokenizer.decode(tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-      """(log-likelihood of the continuation, whether it is the greedy one) per request, the whole
-      sequence left-truncated to the context + 1 tokens, in batches of [batch_size, block_size]."""
-      block, results = self.cfg.block_size, []
-      for first in range(0, len(requests), self.batch_size):
-        chunk = requests[first:first + self.batch_size]
-        inputs = np.zeros((self.batch_size, block), np.int32)
-        targets = np.zeros((self.batch_size, block), np.int32)
-        spans = []
-        for row, (_, context, continuation) in enumerate(chunk):
-          tokens = (list(context) + list(continuation))[-(block + 1):]
-          inputs[row, :len(tokens) - 1], targets[row, :len(tokens) - 1] = tokens[:-1], tokens[1:]
-          spans.append((len(tokens) - 1 - len(continuation), len(tokens) - 1))
-        with sharding.on_mesh(self.mesh):
-          scores = _continuation_scores(self.params, *sharding.put_rows((inputs, targets), self.mesh), cfg=self.cfg)
-        chosen, greedy = jax.device_get(scores)
-        for row, (begin, end) in enumerate(spans):
-          results.append((float(chosen[row, begin:end].sum()), bool(greedy[row, begin:end].all())))
-      return results
+      return _loglikelihoods(self, [(context, continuation) for _, context, continuation in requests])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-      results = []
-      for (text,) in [request.args for request in requests]:
-        tokens = evaluate.document_tokens(self.tokenizer, text)
-        if len(tokens) < 2:
-          results.append(0.0)
-          continue
-        scored = evaluate.perplexity(self.cfg, self.params, tokens, stride=self.cfg.block_size // 2, mesh=self.mesh)
-        results.append(-scored["nll"] * scored["tokens"])
-      return results
+      return [_rolling_loglikelihood(self, text) for (text,) in [request.args for request in requests]]
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-      engine = self._engine = self._engine or Engine(self.cfg, self.params, self.tokenizer, self.mesh, 16).start()
-      done = threading.Semaphore(0)
-      generations = []
-      for context, settings in [request.args for request in requests]:
-        until = settings.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_tokens = min(settings.get("max_gen_toks", self.max_gen_toks), self.cfg.block_size - 1)
-        prompt = evaluate.document_tokens(self.tokenizer, context).tolist() or [0]
-        prompt = prompt[-(self.cfg.block_size - max_tokens):]  # left-truncated to leave room for the answer
-        temperature = float(settings.get("temperature", 0.0)) if settings.get("do_sample") else 0.0
-        generation = Generation(prompt, Sampling(max_tokens=max_tokens, temperature=temperature,
-                                                 stop=tuple(until), seed=len(generations)), self.tokenizer,
-                                lambda event: done.release() if event is FINISHED else None)
-        generations.append(generation)
-        engine.submit(generation)
-      for _ in generations:
-        done.acquire()
-      if engine.error is not None:
-        raise engine.error
-      return [generation.text for generation in generations]
+      return _generate(self, [request.args for request in requests])
 
-  return GptjaxLM()
+  return GptjaxLM
 
 
-def register() -> None:
-  """Registers "gptjax" with lm-eval: `lm_eval.simple_evaluate(model="gptjax", model_args="checkpoint=DIR")`."""
-  _lm_eval()
-  from lm_eval.api.registry import register_model
+def _loglikelihoods(lm, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+  """(log-likelihood of the continuation, whether it is the greedy one) per (context, continuation)
+  of token ids, the sequence left-truncated to block_size + 1 tokens, in batches of
+  [batch_size, block_size]."""
+  block, results = lm.cfg.block_size, []
+  for first in range(0, len(pairs), lm.batch_size):
+    inputs = np.zeros((lm.batch_size, block), np.int32)
+    targets = np.zeros((lm.batch_size, block), np.int32)
+    spans = []
+    for row, (context, continuation) in enumerate(pairs[first:first + lm.batch_size]):
+      if None in context:
+        raise UserError("an empty context needs a tokenizer with end-of-text or beginning-of-sequence")
+      tokens = (list(context) + list(continuation))[-(block + 1):]
+      inputs[row, :len(tokens) - 1], targets[row, :len(tokens) - 1] = tokens[:-1], tokens[1:]
+      spans.append((max(len(tokens) - 1 - len(continuation), 0), len(tokens) - 1))
+    with sharding.on_mesh(lm.mesh):
+      scores = _continuation_scores(lm.params, *sharding.put_rows((inputs, targets), lm.mesh), cfg=lm.cfg)
+    chosen, greedy = jax.device_get(scores)
+    results += [(float(chosen[row, begin:end].sum()), bool(greedy[row, begin:end].all()))
+                for row, (begin, end) in enumerate(spans)]
+  return results
 
-  @register_model("gptjax")
-  def from_args(checkpoint: str, step: str = "best", batch_size: int = 16, max_gen_toks: int = 256, **_):
-    cfg, tok, params, _ = _load(checkpoint, step, [])
-    return make_lm(cfg, tok, params, None, int(batch_size), int(max_gen_toks))
 
-  from_args.create_from_arg_string = lambda arg_string, additional=None: from_args(
-      **{k: v for k, v in (item.split("=", 1) for item in arg_string.split(",") if item)})
-  from_args.create_from_arg_obj = lambda args, additional=None: from_args(**args)
+def _rolling_loglikelihood(lm, text: str) -> float:
+  """`text`'s log-likelihood as `gptjax perplexity --text` computes it (stride block_size // 2)."""
+  tokens = evaluate.document_tokens(lm.tokenizer, text)
+  if len(tokens) < 2:
+    return 0.0
+  scored = evaluate.perplexity(lm.cfg, lm.params, tokens, stride=lm.cfg.block_size // 2, mesh=lm.mesh)
+  return -scored["nll"] * scored["tokens"]
+
+
+def _generate(lm, requests: list[tuple[str, dict]]) -> list[str]:
+  """Each (context, settings) continued through the serving engine until a stop text, end-of-text
+  or max_gen_toks: greedy, or sampled where settings say do_sample (temperature 1 unless given)."""
+  done = threading.Semaphore(0)
+  generations = []
+  for context, settings in requests:
+    until = settings.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    max_tokens = min(int(settings.get("max_gen_toks", lm.max_gen_toks)), lm.cfg.block_size - 1)
+    prompt = tokenizer_lib.encode_sequence(lm.tokenizer, context) or [lm.prefix_token_id]
+    if None in prompt:
+      raise UserError("an empty context needs a tokenizer with end-of-text or beginning-of-sequence")
+    sampled = settings.get("do_sample", False)
+    sampling = Sampling(max_tokens=max_tokens, temperature=float(settings.get("temperature", 1.0)) if sampled else 0.0,
+                        top_p=float(settings.get("top_p", 1.0)) if sampled else 1.0,
+                        top_k=int(settings.get("top_k", 0)) if sampled else 0, stop=tuple(until), seed=len(generations))
+    generations.append(Generation(prompt[-(lm.cfg.block_size - max_tokens):], sampling, lm.tokenizer,  # room to answer
+                                  lambda event: done.release() if event is FINISHED else None))
+  engine = Engine(lm.cfg, lm.params, lm.tokenizer, lm.mesh, GENERATION_SLOTS).start()
+  try:
+    for generation in generations:
+      engine.submit(generation)
+    for _ in generations:
+      done.acquire()
+  finally:
+    engine.close()
+  if engine.error is not None:
+    raise engine.error
+  return [generation.text for generation in generations]
 
 
 def _load(checkpoint: str, step: str, mesh_overrides: list[str]):
   from gptjax import checkpoint as checkpoint_lib
-  from gptjax import sharding
-  from gptjax import tokenizer as tokenizer_lib
   mesh = sharding.inference_mesh(mesh_overrides)
   cfg, tokenizer_meta, params, _ = checkpoint_lib.load_for_inference(checkpoint, step, mesh)
   return cfg, tokenizer_lib.from_meta(tokenizer_meta), params, mesh
 
 
-def task_configs(names: list[str], include_path: str | None = None) -> list:
-  """Each task as lm-eval takes it: the config of a YAML in the shipped tasks/ (or `include_path`)
-  that defines it, with its data files named from the YAML's folder; else the name, for lm-eval's
-  own tasks (read offline, from the local Hugging Face cache)."""
+def task_configs(names: list[str]) -> list:
+  """Each task as lm-eval takes it: a shipped task's config (tasks/, its data files named from
+  there, so that it runs from any folder), else the name (a task of an --include-path, or lm-eval's own)."""
+  return [copy.deepcopy(_shipped_tasks().get(name, name)) for name in names]
+
+
+@functools.cache
+def _shipped_tasks() -> dict:
   import yaml
-  defined = {}
-  for folder in [TASKS_DIR] + ([include_path] if include_path else []):
-    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-      if entry.endswith((".yaml", ".yml")):
-        with open(os.path.join(folder, entry), encoding="utf-8") as f:
-          config = yaml.safe_load(f)
-        if isinstance(config, dict) and "task" in config:
-          files = config.get("dataset_kwargs", {}).get("data_files", {})
-          for split, path in files.items():
-            files[split] = os.path.join(folder, path)
-          defined[config["task"]] = config
-  return [defined.get(name, name) for name in names]
+  shipped = {}
+  for entry in sorted(os.listdir(TASKS_DIR)):
+    if entry.endswith(".yaml"):
+      with open(os.path.join(TASKS_DIR, entry), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+      files = config["dataset_kwargs"]["data_files"]
+      config["dataset_kwargs"]["data_files"] = {split: os.path.join(TASKS_DIR, path) for split, path in files.items()}
+      shipped[config["task"]] = config
+  return shipped
 
 
-def check_tasks(names: list[str], include_path: str | None = None) -> list:
-  """`task_configs`, each known (lm-eval installed, a name lm-eval or a task folder defines), or a
-  one-line UserError."""
+def check_tasks(names: list[str], include_path: str | None = None):
+  """(`task_configs`, the lm-eval TaskManager that knows the rest), every task known (lm-eval
+  installed, a name it or the --include-path defines), or a one-line UserError."""
   _lm_eval()
   from lm_eval.tasks import TaskManager
-  configs = task_configs(names, include_path)
-  if any(isinstance(c, str) for c in configs):
-    known = TaskManager().all_tasks
-    if unknown := [c for c in configs if isinstance(c, str) and c not in known]:
-      raise UserError(f"unknown task {unknown[0]!r}: not in tasks/, the --include-path or lm-eval's own tasks")
-  return configs
+  configs = task_configs(names)
+  if not any(isinstance(c, str) for c in configs):
+    return configs, TaskManager(include_defaults=False)  # the shipped tasks alone: lm-eval's own not indexed
+  manager = TaskManager(include_path=include_path)
+  if unknown := [c for c in configs if isinstance(c, str) and c not in manager.all_tasks]:
+    raise UserError(f"unknown task {unknown[0]!r}: not in tasks/, the --include-path or lm-eval's own tasks")
+  return configs, manager
 
 
 def evaluate_tasks(lm, tasks: list[str], include_path: str | None = None, limit: int | None = None,
                    num_fewshot: int | None = None) -> dict:
-  """lm-eval's results dict for `tasks` (`task_configs`)."""
+  """lm-eval's results dict for `tasks` (`check_tasks`)."""
   import lm_eval
-  from lm_eval.tasks import TaskManager
-  configs = check_tasks(tasks, include_path)
-  manager = TaskManager(include_defaults=any(isinstance(c, str) for c in configs))
+  configs, manager = check_tasks(tasks, include_path)
   return lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                                  bootstrap_iters=0, log_samples=False, verbosity="ERROR")
 
@@ -234,7 +266,8 @@ def main(argv=None) -> None:
   parser.add_argument("--checkpoint", required=True, help="a run's out_dir")
   parser.add_argument("--step", default="best", help="best (lowest val loss), latest, or a step number")
   parser.add_argument("--tasks", required=True, help="comma-separated task names")
-  parser.add_argument("--include-path", default=None, help="a folder of task YAMLs besides the shipped tasks/")
+  parser.add_argument("--include-path", default=None, help="a folder of task YAMLs besides the shipped tasks/ (their data_files "
+                      "read from the current folder, as lm-eval reads them)")
   parser.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
   parser.add_argument("--num-fewshot", type=int, default=None)
   parser.add_argument("--batch-size", type=int, default=16, help="contexts scored per forward pass")

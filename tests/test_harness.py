@@ -107,6 +107,15 @@ def test_the_shipped_tasks_give_the_same_metrics_in_process_and_through_the_serv
   assert 0 <= ours["shakespeare_next_line"]["acc,none"] <= 1 and ours["milton_lines"]["bits_per_byte,none"] > 0
 
 
+def test_lm_eval_knows_gptjax_by_name(tiny_run):
+  import lm_eval
+  harness.register()
+  results = lm_eval.simple_evaluate(model="gptjax", model_args=f"checkpoint={tiny_run[0]},batch_size=4",
+                                    tasks=harness.task_configs(["shakespeare_next_line"]), limit=4,
+                                    bootstrap_iters=0)["results"]
+  assert 0 <= results["shakespeare_next_line"]["acc,none"] <= 1
+
+
 def test_an_unknown_task_is_one_line(tiny_run):
   one_line_error(run_cli("eval", "--checkpoint", tiny_run[0], "--tasks", "no_such_task_anywhere"),
                  "unknown task 'no_such_task_anywhere'")

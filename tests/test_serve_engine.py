@@ -64,18 +64,23 @@ def test_a_seeded_draw_does_not_depend_on_the_other_slots():
 
 
 def test_rows_sampled_with_their_own_settings_keep_only_allowed_tokens():
-  logits = jax.random.normal(jax.random.key(0), (3, 40))
-  keys = jax.random.split(jax.random.key(1), 3)
-  for _ in range(20):
-    keys = jax.vmap(lambda k: jax.random.split(k)[0])(keys)
-    out = np.asarray(decode.sample_rows(logits, keys, np.array([1.0, 1.0, 0.0], np.float32),
-                                        np.array([3, 0, 0], np.int32), np.array([1.0, 0.3, 1.0], np.float32), True))
-    assert out[0] in np.argsort(-np.asarray(logits[0]))[:3]
-    probs = np.asarray(jax.nn.softmax(logits[1]))
-    order = np.argsort(-probs)
-    nucleus = order[:np.searchsorted(np.cumsum(probs[order]), 0.3) + 1]
-    assert out[1] in nucleus
-    assert out[2] == int(np.argmax(logits[2]))
+  logits = jax.random.normal(jax.random.key(0), (4, 40)) * 0.1  # flat: every token likely enough to be drawn
+  sample_rows = jax.jit(decode.sample_rows, static_argnames="filtered")
+  drawn = []
+  for i in range(200):
+    keys = jax.random.split(jax.random.key(i), 4)
+    drawn.append(np.asarray(sample_rows(logits, keys, np.array([1.0, 1.0, 0.0, 1.0], np.float32),
+                                        np.array([3, 0, 0, 5], np.int32), np.array([1.0, 0.3, 1.0, 0.5], np.float32),
+                                        filtered=True)))
+  drawn = np.stack(drawn)
+  order = np.argsort(-np.asarray(logits), axis=-1)
+  assert set(drawn[:, 0]) == set(order[0, :3])  # top-k alone: the 3 likeliest, each of them
+  probs = np.asarray(jax.nn.softmax(logits[1]))
+  nucleus = order[1, :np.searchsorted(np.cumsum(probs[order[1]]), 0.3) + 1]
+  assert set(drawn[:, 1]) == set(nucleus)
+  assert (drawn[:, 2] == int(np.argmax(logits[2]))).all()
+  top5 = np.asarray(jax.nn.softmax(logits[3][order[3, :5]]))
+  assert set(drawn[:, 3]) == set(order[3, :np.searchsorted(np.cumsum(top5), 0.5) + 1])  # top-p within the top 5
 
 
 def _feed(tokenizer, ids, sampling):
@@ -106,3 +111,19 @@ def test_characters_split_over_tokens_are_shown_whole():
   pieces = [t.text for event in events if event is not FINISHED for t in event]
   assert "".join(pieces) == "naïve 日本語 café" and not any("\ufffd" in p for p in pieces)
   assert len(pieces) == len(ids)  # every token handed over, the ones inside a character with ""
+
+
+def test_end_of_text_is_handed_over_with_its_log_probability():
+  gpt2 = tokenizer_lib.GPT2Tokenizer()
+  events = []
+  generation = Generation([0], Sampling(max_tokens=5, logprobs=1), gpt2, events.append)
+  generation.add(Token(gpt2.encode(" Hi")[0], None, -1.5, {1: -1.0}))
+  assert generation.add(Token(gpt2.eot_id, None, -0.25, {gpt2.eot_id: -0.25}))
+  tokens = [t for event in events if event is not FINISHED for t in event]
+  assert [(t.text, t.logprob) for t in tokens] == [(" Hi", -1.5), ("", -0.25)]  # lm-eval reads the last one
+  assert generation.text == " Hi" and generation.finish_reason == "stop" and generation.shown == 2
+
+
+def test_a_stop_sequence_ends_at_the_first_of_several():
+  generation, events = _feed(CHARS, CHARS.encode("abcdefg"), Sampling(max_tokens=20, stop=("ef", "cd")))
+  assert generation.text == "ab" and generation.finish_reason == "stop"

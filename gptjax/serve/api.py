@@ -6,6 +6,7 @@ before it reaches the engine; a bad one gets an OpenAI error body and a 4xx stat
 import asyncio
 import dataclasses
 import json
+import time
 
 from fastapi import FastAPI
 from fastapi import Request
@@ -148,12 +149,12 @@ class _Choice:
     self.generation, self.tok, self.chat = generation, tok, chat
     self.tokens, self.text = [], ""
 
-  def take(self, tokens) -> tuple[str, list]:
-    """Adds `tokens` (the prompt's, with echo, then generated ones) -> (their text, them)."""
+  def take(self, tokens) -> str:
+    """Adds `tokens` (the prompt's, with echo, then generated ones) -> their text."""
     text = "".join(t.text for t in tokens)
     self.tokens += tokens
     self.text += text
-    return text, tokens
+    return text
 
   def body(self, index: int, text: str, tokens: list, offset: int, finished: bool, delta: bool = False) -> dict:
     """The choice with `text` (`tokens`, from `offset` of the choice's text): all of it, or in a
@@ -182,14 +183,18 @@ def _check_finished(generations: list[Generation]) -> None:
 
 async def _complete(request: Request, choices: list[_Choice], events: asyncio.Queue, model: str):
   generations = [c.generation for c in choices]
-  remaining = len(generations)
+  remaining, checked = len(generations), time.monotonic()
   try:
     while remaining:
       try:
         index, event = await asyncio.wait_for(events.get(), WAKE_SECONDS)
       except asyncio.TimeoutError:
+        index, event = None, None
+      if time.monotonic() - checked > WAKE_SECONDS:  # also while tokens keep coming
         if await request.is_disconnected():
           return JSONResponse({}, status_code=499)
+        checked = time.monotonic()
+      if event is None:
         continue
       if event is FINISHED:
         remaining -= 1
@@ -222,8 +227,7 @@ async def _stream(choices: list[_Choice], events: asyncio.Queue, model: str, usa
         chunk = choice.body(index, "", [], len(choice.text), True, delta=True)
       else:
         offset = len(choice.text)
-        text, tokens = choice.take(event)
-        chunk = choice.body(index, text, tokens, offset, False, delta=True)
+        chunk = choice.body(index, choice.take(event), event, offset, False, delta=True)
       yield json.dumps(protocol.completion(model, [chunk], object_id=object_id, chat=chat, chunk=True))
     if usage:
       yield json.dumps(protocol.completion(model, [], _usage(generations), object_id, chat=chat, chunk=True))

@@ -47,11 +47,14 @@ def sample_rows(logits_SV, keys_S, temperature_S, top_k_S, top_p_S, filtered: bo
   if filtered:
     sorted_SV = -jnp.sort(-scaled_SV, axis=-1)
     rank_V = jnp.arange(scaled_SV.shape[-1])
-    kept_SV = jnp.where((top_k_S[:, None] == 0) | (rank_V < top_k_S[:, None]), sorted_SV, -jnp.inf)
-    kth_S1 = jnp.min(kept_SV, axis=-1, keepdims=True)  # the smallest logit top-k keeps
+    in_top_k_SV = (top_k_S[:, None] == 0) | (rank_V < top_k_S[:, None])
+    kept_SV = jnp.where(in_top_k_SV, sorted_SV, -jnp.inf)
+    kth_S1 = jnp.take_along_axis(sorted_SV, jnp.maximum(top_k_S - 1, 0)[:, None], axis=-1)  # the smallest kept
+    kth_S1 = jnp.where(top_k_S[:, None] > 0, kth_S1, -jnp.inf)
     probs_SV = jax.nn.softmax(kept_SV, axis=-1)
     mass_before_SV = jnp.cumsum(probs_SV, axis=-1) - probs_SV
-    cutoff_S1 = jnp.min(jnp.where(mass_before_SV < top_p_S[:, None], kept_SV, jnp.inf), axis=-1, keepdims=True)
+    in_top_p_SV = in_top_k_SV & (mass_before_SV < top_p_S[:, None])  # (the first token always)
+    cutoff_S1 = jnp.min(jnp.where(in_top_p_SV, kept_SV, jnp.inf), axis=-1, keepdims=True)
     scaled_SV = jnp.where((scaled_SV < kth_S1) | (scaled_SV < cutoff_S1), -jnp.inf, scaled_SV)
   drawn_S = jax.vmap(jax.random.categorical)(keys_S, scaled_SV)
   return jnp.where(temperature_S > 0, drawn_S, greedy(logits_SV)).astype(jnp.int32)

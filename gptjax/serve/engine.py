@@ -16,11 +16,13 @@ import threading
 import jax
 import numpy as np
 
+from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.serve import decode
 
 FINISHED = object()  # what a generation's `on_event` receives last
+CONTEXT_TOKENS = 4  # the prompt tokens a generation's text is decoded after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +62,17 @@ class Generation:
     self.text = ""  # their text
     self.finish_reason: str | None = None
     self.cancelled = False  # set by the server when the client has gone: the slot is freed at the next step
+    self._context = prompt[-CONTEXT_TOKENS:]  # decoded before the new tokens, for the characters they add
+    self._context_text = tokenizer.decode(self._context)
 
   def add(self, token: Token) -> bool:
     """Takes the next token; True once the generation has finished."""
-    if token.id == self.tokenizer.eot_id:
-      return self._show(self._decoded(len(self.generated)), finish="stop")
+    if token.id == self.tokenizer.eot_id:  # handed over with its log-probabilities, as text ""
+      return self._show(self._decoded(len(self.generated)), finish="stop", last=token)
     self.generated.append(token)
     text = self._decoded(len(self.generated))
-    for stop in self.sampling.stop:
-      if (at := text.find(stop)) >= 0:
-        return self._show(text[:at], finish="stop", cut=True)
+    if stops := [at for stop in self.sampling.stop if (at := text.find(stop)) >= 0]:
+      return self._show(text[:min(stops)], finish="stop", cut=True)
     if len(self.generated) == self.sampling.max_tokens:
       return self._show(text, finish="length")
     held = max((n for stop in self.sampling.stop for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])),
@@ -77,37 +80,57 @@ class Generation:
     return self._show(text[:len(text) - held])
 
   def _decoded(self, n: int) -> str:
-    return self.tokenizer.decode([t.id for t in self.generated[:n]])
+    """The text of the first `n` generated tokens, as they read after the prompt (a tokenizer may
+    write a token differently at the start of a text, as SentencePiece drops a leading space)."""
+    text = self.tokenizer.decode(self._context + [t.id for t in self.generated[:n]])
+    return text[len(self._context_text):] if text.startswith(self._context_text) else text
 
-  def _show(self, visible: str, finish: str | None = None, cut: bool = False) -> bool:
-    """Hands over the tokens whose text `visible` now holds whole (a token inside a character with
-    "", the one completing it with the character). Finishing, the rest of `visible` goes to the
-    next token; after a stop sequence (`cut`), the tokens past it are left out."""
-    ready, pending = [], []
-    for i in range(self.shown, len(self.generated)):
-      pending.append(self.generated[i])
-      decoded = self._decoded(i + 1)
-      end = len(decoded)
-      if decoded.endswith("\ufffd") or end > len(visible):
-        continue
-      for token in pending:
-        token.text = ""
-      pending[-1].text = visible[len(self.text):end]
-      self.text, self.shown = visible[:end], i + 1
-      ready, pending = ready + pending, []
-    if finish and pending and (len(self.text) < len(visible) or not cut):
-      pending = pending[:1] if cut else pending
-      for token in pending:
-        token.text = ""
-      pending[0].text = visible[len(self.text):]
-      self.text, self.shown = visible, self.shown + len(pending)
-      ready += pending
+  def _show(self, visible: str, finish: str | None = None, cut: bool = False, last: Token | None = None) -> bool:
+    """Hands over the tokens whose text `visible` now holds whole, and, finishing, the rest
+    (`_rest`) and the end-of-text token `last` (text "")."""
+    ready = self._whole(visible)
+    if finish:
+      ready += self._rest(visible, cut)
+      if last is not None:
+        last.text = ""
+        self.generated.append(last)
+        self.shown += 1
+        ready.append(last)
     if ready:
       self.on_event(ready)
     if finish:
       self.finish_reason = finish
       self.on_event(FINISHED)
     return finish is not None
+
+  def _whole(self, visible: str) -> list[Token]:
+    """The tokens not handed over whose text `visible` holds whole: a token inside a character
+    gets "", the one completing it the character."""
+    ready, pending = [], []
+    for i in range(self.shown, len(self.generated)):
+      pending.append(self.generated[i])
+      decoded = self._decoded(i + 1)
+      if decoded.endswith("\ufffd") or len(decoded) > len(visible):
+        continue
+      for token in pending:
+        token.text = ""
+      pending[-1].text = visible[len(self.text):len(decoded)]
+      self.text, self.shown = visible[:len(decoded)], i + 1
+      ready, pending = ready + pending, []
+    return ready
+
+  def _rest(self, visible: str, cut: bool) -> list[Token]:
+    """Finishing: the rest of `visible` goes to the next token; after a stop sequence (`cut`) the
+    tokens past it are left out, else every token is handed over."""
+    pending = self.generated[self.shown:]
+    if not pending or (cut and len(self.text) == len(visible)):
+      return []
+    pending = pending[:1] if cut else pending
+    for token in pending:
+      token.text = ""
+    pending[0].text = visible[len(self.text):]
+    self.text, self.shown = visible, self.shown + len(pending)
+    return pending
 
 
 class Engine:
@@ -125,35 +148,51 @@ class Engine:
     self.counters = np.zeros(self.slots, np.int32)
     self._wake = threading.Event()
     self._thread = threading.Thread(target=self._loop, name="gptjax-engine", daemon=True)
+    self._lock = threading.Lock()  # between a failing engine and a request arriving
+    self._admitting: Generation | None = None
+    self._closed = False
     self.error: BaseException | None = None
 
   def start(self) -> "Engine":
     self._thread.start()
     return self
 
-  def submit(self, generation: Generation) -> None:
-    self.waiting.put(generation)
+  def close(self) -> None:
+    """Stops the engine's thread once the generations under way have finished."""
+    self._closed = True
     self._wake.set()
+    self._thread.join()
+
+  def submit(self, generation: Generation) -> None:
+    with self._lock:
+      if self.error is None:
+        self.waiting.put(generation)
+        self._wake.set()
+        return
+    _fail(generation)
 
   def _loop(self) -> None:
     try:
       while True:
         self._admit()
         if not any(self.running):
+          if self._closed and self.waiting.empty():
+            return
           self._wake.wait()
           self._wake.clear()
           continue
         self._step()
     except BaseException as e:  # the server answers every later request with this error
-      self.error = e
-      for generation in [g for g in self.running if g] + list(self.waiting.queue):
-        generation.finish_reason = "error"
-        generation.on_event(FINISHED)
+      with self._lock:
+        self.error = e
+      for generation in [g for g in self.running if g] + [self._admitting] + list(self.waiting.queue):
+        if generation is not None and generation.finish_reason is None:
+          _fail(generation)
 
   def _admit(self) -> None:
     """Waiting generations into free slots, in the order they came."""
     while None in self.running and not self.waiting.empty():
-      generation = self.waiting.get()
+      generation = self._admitting = self.waiting.get()
       if generation.cancelled:
         continue
       if generation.sampling.echo:
@@ -162,9 +201,11 @@ class Engine:
       prompt = generation.prompt
       padded = np.zeros((1, decode.bucket(len(prompt) - 1, self.cfg.block_size)), np.int32)
       padded[0, :len(prompt) - 1] = prompt[:-1]  # the last prompt token is the slot's first step
+      # One prompt: run outside the mesh's activation constraints, which would split its one row.
       self.cache = decode.prefill_slot(self.params, self.cache, np.int32(slot), padded, np.int32(len(prompt) - 1),
                                        cfg=self.cfg)
       self.running[slot], self.next_tokens[slot], self.counters[slot] = generation, prompt[-1], 0
+      self._admitting = None
 
   def _prompt_tokens(self, generation: Generation) -> list[Token]:
     """The prompt as Tokens, each after the first with its log-probabilities where asked for."""
@@ -202,12 +243,16 @@ class Engine:
       self.next_tokens[slot], self.counters[slot] = token.id, self.counters[slot] + 1
 
 
+def _fail(generation: Generation) -> None:
+  generation.finish_reason = "error"
+  generation.on_event(FINISHED)
+
+
 def _top(ids, logprobs, wanted: int) -> dict:
   return {int(i): float(lp) for i, lp in zip(ids[:wanted], logprobs[:wanted])}
 
 
 def _empty_cache(cfg: ModelConfig, params, slots: int, mesh):
   """A cache of `slots` rows over the whole context, each row with its own length."""
-  from gptjax import model as model_lib
   with sharding.on_mesh(mesh):
     return jax.jit(lambda p: model_lib.bind(cfg, p).init_cache(slots, per_row=True))(params)
