@@ -127,3 +127,29 @@ def test_end_of_text_is_handed_over_with_its_log_probability():
 def test_a_stop_sequence_ends_at_the_first_of_several():
   generation, events = _feed(CHARS, CHARS.encode("abcdefg"), Sampling(max_tokens=20, stop=("ef", "cd")))
   assert generation.text == "ab" and generation.finish_reason == "stop"
+
+
+def test_slots_split_over_a_mesh_give_what_one_device_gives(tiny_run):
+  """The checkpoint placed as `gptjax serve mesh.data=4 mesh.tensor=2` places it, on 8 devices."""
+  from gptjax import checkpoint
+  from gptjax import sharding
+  out, _ = tiny_run
+  prompts = ["ROMEO:\nWhat light is"[:n] for n in (3, 9, 1, 14, 6)]
+  got = {}
+  for overrides in ([], ["mesh.data=4", "mesh.tensor=2"]):
+    mesh = sharding.inference_mesh(overrides, jax.devices()[:8] if overrides else jax.devices()[:1])
+    cfg, meta, params, _ = checkpoint.load_for_inference(str(out), "best", mesh)
+    tok = tokenizer_lib.from_meta(meta)
+    engine = Engine(cfg.model, params, tok, mesh, slots=3).start()
+    assert engine.slots == (4 if overrides else 3)  # a multiple of the batch shards
+    done = threading.Semaphore(0)
+    generations = [Generation(tok.encode(p), Sampling(max_tokens=10, temperature=0.0), tok,
+                              lambda e: done.release() if e is FINISHED else None) for p in prompts]
+    for generation in generations:
+      engine.submit(generation)
+    for _ in generations:
+      assert done.acquire(timeout=300)
+    engine.close()
+    got[bool(overrides)] = [generation.text for generation in generations]
+  assert got[True] == got[False] and all(len(text) == 10 for text in got[True])
+
