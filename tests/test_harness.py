@@ -80,7 +80,7 @@ def test_generate_until_is_greedy_generation_cut_at_the_stop(tiny_run):
 
 def test_the_shipped_tasks_give_the_same_metrics_in_process_and_through_the_server(gpt2_run, tmp_path):
   in_process = run_cli("eval", "--checkpoint", gpt2_run, "--tasks", "shakespeare_next_line,milton_lines",
-                       "--limit", "40", "--output", tmp_path / "in_process.json")
+                       "--limit", "16", "--output", tmp_path / "in_process.json")
   assert in_process.returncode == 0, in_process.stderr
   assert "shakespeare_next_line" in in_process.stdout and "word_perplexity" in in_process.stdout
   import json
@@ -94,7 +94,7 @@ def test_the_shipped_tasks_give_the_same_metrics_in_process_and_through_the_serv
     import lm_eval
     cfg_ours = harness.task_configs(["shakespeare_next_line", "milton_lines"])
     theirs = lm_eval.simple_evaluate(
-        model="local-completions", tasks=cfg_ours, limit=40, bootstrap_iters=0, log_samples=False,
+        model="local-completions", tasks=cfg_ours, limit=16, bootstrap_iters=0, log_samples=False,
         model_args=f"base_url={base}/completions,model=tiny-gpt2,tokenizer_backend=remote,max_length=64,"
                    "tokenized_requests=True,num_concurrent=1,max_retries=1")["results"]
   finally:
@@ -125,14 +125,15 @@ def test_a_run_evaluates_its_tasks_at_each_evaluation(char_data, tmp_path):
   from conftest import tiny
   import json
   result = run_cli("train", "shakespeare_char_cpu", *tiny(f"data.dir={char_data}", f"train.out_dir={tmp_path / 'run'}",
-                                                          "train.max_iters=30", "train.eval_interval=15",
+                                                          "train.max_iters=20", "train.eval_interval=10",
+                                                          "train.checkpoint_interval=10",
                                                           "train.eval_tasks=shakespeare_next_line,milton_lines",
-                                                          "train.eval_tasks_limit=8", "model.block_size=64"),
+                                                          "train.eval_tasks_limit=4", "model.block_size=64"),
                    "--no-progress")
   assert result.returncode == 0, result.stderr
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   tasks = [row for row in rows if row["kind"] == "tasks"]
-  assert [row["step"] for row in tasks] == [15, 30]
+  assert [row["step"] for row in tasks] == [10, 20]
   assert set(tasks[0]) >= {"shakespeare_next_line/acc", "shakespeare_next_line/acc_norm", "milton_lines/bits_per_byte"}
-  assert "step 30: shakespeare_next_line/acc" in result.stdout
-  assert [row["step"] for row in rows if row["kind"] == "eval"] == [15, 30]  # the losses' rows as before
+  assert "step 20: shakespeare_next_line/acc" in result.stdout
+  assert [row["step"] for row in rows if row["kind"] == "eval"] == [10, 20]  # the losses' rows as before

@@ -37,7 +37,8 @@ def _run(engine: Engine, generations_args) -> list[Generation]:
   return generations
 
 
-@pytest.mark.parametrize("cfg", [GPT2_STYLE, LLAMA_STYLE], ids=["learned_positions", "rotary_gqa"])
+@pytest.mark.parametrize("cfg", [pytest.param(GPT2_STYLE, marks=pytest.mark.slow),  # learned positions per row:
+                                 LLAMA_STYLE], ids=["learned_positions", "rotary_gqa"])  # also test_serve's greedy
 def test_requests_batched_in_slots_equal_each_generated_alone(cfg):
   params = model_lib.init_params(cfg, jax.random.key(0))
   engine = Engine(cfg, params, CHARS, None, slots=3).start()
