@@ -18,6 +18,7 @@ from gptjax import cli
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import sharding
+from gptjax import sources
 from gptjax import train
 from gptjax.errors import UserError
 
@@ -218,7 +219,7 @@ def _in_process(capsys, *args):
 
 @pytest.mark.parametrize("mesh", [["mesh.fsdp=8"], pytest.param(["mesh.tensor=2", "mesh.data=4"], marks=pytest.mark.slow)],
                          ids=" ".join)
-def test_sample_and_perplexity_on_a_mesh_match_one_device(tiny_run, capsys, mesh):
+def test_sample_and_perplexity_on_a_mesh_match_one_device(tiny_run, capsys, mesh, tmp_path):
   out_dir, _ = tiny_run
   for sample_args in (["--temperature", "0"], ["--temperature", "0.8", "--seed", "5"]):
     args = ["sample", "--checkpoint", out_dir, "--prompt", "ROMEO:", "--num-samples", 3, "--max-new-tokens", 40,
@@ -227,7 +228,8 @@ def test_sample_and_perplexity_on_a_mesh_match_one_device(tiny_run, capsys, mesh
     assert one_device.returncode == 0, one_device.stderr
     assert _in_process(capsys, *args, *mesh) == one_device.stdout
 
-  args = ["perplexity", "--checkpoint", out_dir, "--split", "val", "--batch-size", 6]
+  (tmp_path / "text.txt").write_text(sources.read_text(sources.BUILTIN_SHAKESPEARE)[-3000:])  # 187 windows
+  args = ["perplexity", "--checkpoint", out_dir, "--text", tmp_path / "text.txt", "--batch-size", 6]
   one_device = run_cli(*args)
   assert one_device.returncode == 0, one_device.stderr
   nll = [float(re.search(r"mean NLL ([\d.]+)", out).group(1)) for out in (one_device.stdout, _in_process(capsys, *args, *mesh))]
