@@ -23,7 +23,6 @@ import numpy as np
 from gptjax import checkpoint
 from gptjax import explain
 from gptjax import model as model_lib
-from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
 matplotlib.use("Agg")  # files only, no window
@@ -83,15 +82,13 @@ def _weights(cfg, params, tokens_BT, layers: tuple[int, ...]):
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="gptjax attention", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="a run's out_dir")
-  parser.add_argument("--step", default="best", help="best (lowest val loss), latest, or a step number")
+  checkpoint.add_inference_arguments(parser, mesh=False)
   parser.add_argument("--prompt", required=True, help="the text whose attention to draw")
   parser.add_argument("--layers", default=None, help="the blocks to draw, e.g. 0 or 0,11 or 0-2 (default: all)")
   parser.add_argument("--output", default=None, help="the folder to write to (default: CHECKPOINT/attention)")
   args = parser.parse_args(argv)
 
-  cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(args.checkpoint, args.step)
-  tok = tokenizer_lib.from_meta(tokenizer_meta)
+  cfg, tok, params, step, _ = checkpoint.load_model(args.checkpoint, args.step)
   layers = explain.parse_layers(args.layers, cfg.model.n_layer)
   tokens_BT = explain.prompt_tokens(tok, args.prompt, cfg.model.block_size)
   weights = attention_weights(cfg.model, params, tokens_BT, layers)

@@ -39,6 +39,7 @@ from gptjax import checksum
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import sharding
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import SaveFailed
 from gptjax.errors import UserError
 from gptjax.errors import warn
@@ -333,6 +334,25 @@ def load_for_inference(out_dir: str, which: str = "best", mesh: jax.sharding.Mes
   step, (cfg, tokenizer, params) = first_intact(manager, out_dir, which, load)
   manager.close()
   return cfg, tokenizer, params, step
+
+
+def add_inference_arguments(parser, mesh: bool = True) -> None:
+  """--checkpoint and --step, and (`mesh`) the mesh.* overrides, as the commands that read a run's
+  checkpoint take them (`load_model`)."""
+  parser.add_argument("--checkpoint", required=True, help="a run's out_dir")
+  parser.add_argument("--step", default="best", help="best (lowest val loss), latest, or a step number")
+  if mesh:
+    parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.expert=N, mesh.tensor=N "
+                        "(default: data parallel)")
+
+
+def load_model(out_dir: str, which: str = "best", mesh_overrides: list[str] | None = None):
+  """(config, tokenizer, params, step, mesh) of a run's checkpoint `which` (`load_for_inference`):
+  the parameters on the mesh that `mesh_overrides` describe over this process's devices, or on
+  the first device without them (None)."""
+  mesh = None if mesh_overrides is None else sharding.inference_mesh(mesh_overrides)
+  cfg, tokenizer_meta, params, step = load_for_inference(out_dir, which, mesh)
+  return cfg, tokenizer_lib.from_meta(tokenizer_meta), params, step, mesh
 
 
 def abstract_like(tree, shardings):

@@ -108,8 +108,7 @@ def perplexity(cfg: ModelConfig, params, tokens: np.ndarray, *, stride: int, bat
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="gptjax perplexity", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="a run's out_dir")
-  parser.add_argument("--step", default="best", help="best (lowest val loss), latest, or a step number")
+  checkpoint.add_inference_arguments(parser)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--text", help="a text file, folder or glob, tokenized with the model's tokenizer")
   source.add_argument("--split", choices=["train", "val"], help="a split of the run's prepared data")
@@ -117,12 +116,9 @@ def main(argv=None) -> None:
   parser.add_argument("--stride", type=int, default=None, help="window stride (default: block_size // 2)")
   parser.add_argument("--batch-size", type=int, default=None,
                       help=f"windows per forward pass (default: about {BATCH_TOKENS:,} tokens' worth)")
-  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.expert=N, mesh.tensor=N (default: data parallel)")
   args = parser.parse_intermixed_args(argv)
 
-  mesh = sharding.inference_mesh(args.mesh)
-  cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(args.checkpoint, args.step, mesh)
-  tok = tokenizer_lib.from_meta(tokenizer_meta)
+  cfg, tok, params, step, mesh = checkpoint.load_model(args.checkpoint, args.step, args.mesh)
   if args.text is not None:
     tokens = document_tokens(tok, sources.read_text(args.text))
     what = args.text

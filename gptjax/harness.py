@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import checkpoint
 from gptjax import evaluate
 from gptjax import model as model_lib
 from gptjax import sharding
@@ -107,7 +108,7 @@ def _lm_class():
       args = dict(args)
       if "checkpoint" not in args:
         raise UserError("the gptjax model needs model_args checkpoint=DIR")
-      cfg, tok, params, mesh = _load(args.pop("checkpoint"), args.pop("step", "best"), [])
+      cfg, tok, params, _, mesh = checkpoint.load_model(args.pop("checkpoint"), args.pop("step", "best"), [])
       return cls(cfg, tok, params, mesh, **{k: v for k, v in args.items() if k in ("batch_size", "max_gen_toks")})
 
     @property
@@ -203,13 +204,6 @@ def _generate(lm, requests: list[tuple[str, dict]]) -> list[str]:
   return [generation.text for generation in generations]
 
 
-def _load(checkpoint: str, step: str, mesh_overrides: list[str]):
-  from gptjax import checkpoint as checkpoint_lib
-  mesh = sharding.inference_mesh(mesh_overrides)
-  cfg, tokenizer_meta, params, _ = checkpoint_lib.load_for_inference(checkpoint, step, mesh)
-  return cfg, tokenizer_lib.from_meta(tokenizer_meta), params, mesh
-
-
 def task_configs(names: list[str]) -> list:
   """Each task as lm-eval takes it: a shipped task's config (tasks/, its data files named from
   there, so that it runs from any folder), else the name (a task of an --include-path, or lm-eval's own)."""
@@ -263,8 +257,7 @@ def metrics(results: dict) -> dict:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="gptjax eval", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="a run's out_dir")
-  parser.add_argument("--step", default="best", help="best (lowest val loss), latest, or a step number")
+  checkpoint.add_inference_arguments(parser)
   parser.add_argument("--tasks", required=True, help="comma-separated task names")
   parser.add_argument("--include-path", default=None, help="a folder of task YAMLs besides the shipped tasks/ (their data_files "
                       "read from the current folder, as lm-eval reads them)")
@@ -272,12 +265,11 @@ def main(argv=None) -> None:
   parser.add_argument("--num-fewshot", type=int, default=None)
   parser.add_argument("--batch-size", type=int, default=16, help="contexts scored per forward pass")
   parser.add_argument("--output", default=None, help="also write lm-eval's results as JSON here")
-  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.expert=N, mesh.tensor=N (default: data parallel)")
   args = parser.parse_intermixed_args(argv)
   if args.batch_size < 1:
     raise UserError(f"--batch-size={args.batch_size} is not positive")
   _lm_eval()
-  cfg, tok, params, mesh = _load(args.checkpoint, args.step, args.mesh)
+  cfg, tok, params, _, mesh = checkpoint.load_model(args.checkpoint, args.step, args.mesh)
   results = evaluate_tasks(make_lm(cfg, tok, params, mesh, args.batch_size), args.tasks.split(","),
                            args.include_path, args.limit, args.num_fewshot)
   from lm_eval.utils import make_table

@@ -144,8 +144,7 @@ def check_sampling_args(vocab_size: int, *, temperature: float, top_k: int, top_
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="gptjax sample", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="a run's out_dir")
-  parser.add_argument("--step", default="best", help="best (lowest val loss), latest, or a step number")
+  checkpoint.add_inference_arguments(parser)
   parser.add_argument("--prompt", default="\n", help="text to continue ('' starts from end-of-text)")
   parser.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
   parser.add_argument("--num-samples", type=int, default=3)
@@ -154,7 +153,6 @@ def main(argv=None) -> None:
   parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
   parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   parser.add_argument("--seed", type=int, default=1337)
-  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.expert=N, mesh.tensor=N (default: data parallel)")
   args = parser.parse_intermixed_args(argv)
 
   if args.prompt_file is not None:
@@ -164,9 +162,7 @@ def main(argv=None) -> None:
       raise UserError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
     except UnicodeDecodeError:
       raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
-  mesh = sharding.inference_mesh(args.mesh)
-  cfg, tokenizer_meta, params, _ = checkpoint.load_for_inference(args.checkpoint, args.step, mesh)
-  tok = tokenizer_lib.from_meta(tokenizer_meta)
+  cfg, tok, params, _, mesh = checkpoint.load_model(args.checkpoint, args.step, args.mesh)
   check_sampling_args(cfg.model.vocab_size, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
   prompt_ids = tokenizer_lib.encode_sequence(tok, args.prompt) or ([tok.eot_id] if tok.eot_id is not None else [])

@@ -18,21 +18,20 @@ import argparse
 import os
 import socket
 
+from gptjax import checkpoint
 from gptjax.errors import UserError
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="gptjax serve", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="a run's out_dir")
-  parser.add_argument("--step", default="best", help="best (lowest val loss), latest, or a step number")
+  checkpoint.add_inference_arguments(parser)
   parser.add_argument("--host", default="127.0.0.1")
   parser.add_argument("--port", type=int, default=8000, help="0 takes a free port (printed at start)")
   parser.add_argument("--slots", type=int, default=16, help="requests decoded together (rounded up to a multiple "
                       "of the mesh's batch shards)")
   parser.add_argument("--model-name", default=None, help="the model's name in the API (default: the checkpoint "
                       "folder's name)")
-  parser.add_argument("mesh", nargs="*", help="mesh.data=N, mesh.fsdp=N, mesh.expert=N, mesh.tensor=N (default: data parallel)")
   args = parser.parse_intermixed_args(argv)
   try:
     import fastapi  # noqa: F401
@@ -44,14 +43,10 @@ def main(argv=None) -> None:
     raise UserError(f"--slots={args.slots} is not positive")
   listener = _listen(args.host, args.port)  # before loading: a port in use is refused at once
 
-  from gptjax import checkpoint
-  from gptjax import sharding
-  from gptjax import tokenizer as tokenizer_lib
   from gptjax.serve.api import create_app
   from gptjax.serve.engine import Engine
-  mesh = sharding.inference_mesh(args.mesh)
-  cfg, tokenizer_meta, params, step = checkpoint.load_for_inference(args.checkpoint, args.step, mesh)
-  engine = Engine(cfg.model, params, tokenizer_lib.from_meta(tokenizer_meta), mesh, args.slots).start()
+  cfg, tok, params, step, mesh = checkpoint.load_model(args.checkpoint, args.step, args.mesh)
+  engine = Engine(cfg.model, params, tok, mesh, args.slots).start()
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
   host, port = listener.getsockname()[:2]
   print(f"gptjax serve: {name} (step {step}, {engine.slots} slots) at http://{host}:{port}/v1", flush=True)

@@ -44,8 +44,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
   @app.get("/tokenizer_info")
   async def tokenizer_info():
-    special = lambda i: None if i is None else tok.decode([i])  # noqa: E731
-    return {"eos_token": special(tok.eot_id), "bos_token": special(tok.bos_id), "pad_token": None,
+    return {"eos_token": protocol.special_text(tok, tok.eot_id), "bos_token": protocol.special_text(tok, tok.bos_id),
+            "pad_token": None,
             "model_max_length": cfg.block_size, "tokenizer_class": type(tok).__name__,
             "chat_template": getattr(tok, "chat_template", None)}
 
@@ -129,7 +129,7 @@ async def _body(request: Request) -> dict:
 def _encode_with_special(tok, text: str) -> list[int]:
   """`text`'s tokens, the end-of-text and beginning-of-sequence tokens' texts read as those tokens
   (lm-eval learns the end-of-text id by tokenizing its text), everything else as `tok.encode`."""
-  specials = {tok.decode([i]): i for i in (tok.eot_id, tok.bos_id) if i is not None}
+  specials = {protocol.special_text(tok, i): i for i in (tok.eot_id, tok.bos_id) if i is not None}
   tokens, rest = [], text
   while rest:
     found = [(rest.find(s), s) for s in specials if s in rest]

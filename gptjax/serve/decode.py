@@ -87,6 +87,12 @@ def score(params, tokens_1T, *, cfg: ModelConfig):
   return chosen_T, top_ids_TL, top_logprobs_TL
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "slots"))
+def empty_cache(params, *, cfg: ModelConfig, slots: int) -> model_lib.KVCache:
+  """A cache of `slots` rows over the whole context, each row with its own length."""
+  return model_lib.bind(cfg, params).init_cache(slots, per_row=True)
+
+
 @functools.partial(jax.jit, static_argnames="cfg")
 def layer_params(params, *, cfg: ModelConfig):
   """Each block's parameters sliced out of its stack once (`GPT.layer_params`), for `step`."""

@@ -16,7 +16,6 @@ import threading
 import jax
 import numpy as np
 
-from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax.config import ModelConfig
 from gptjax.serve import decode
@@ -141,7 +140,7 @@ class Engine:
     self.slots = -(-slots // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
     with sharding.on_mesh(mesh):
       self.layers = decode.layer_params(params, cfg=cfg)
-    self.cache = _empty_cache(cfg, params, self.slots, mesh)
+      self.cache = decode.empty_cache(params, cfg=cfg, slots=self.slots)
     self.running: list[Generation | None] = [None] * self.slots
     self.waiting: queue.Queue[Generation] = queue.Queue()
     self.next_tokens = np.zeros(self.slots, np.int32)
@@ -250,9 +249,3 @@ def _fail(generation: Generation) -> None:
 
 def _top(ids, logprobs, wanted: int) -> dict:
   return {int(i): float(lp) for i, lp in zip(ids[:wanted], logprobs[:wanted])}
-
-
-def _empty_cache(cfg: ModelConfig, params, slots: int, mesh):
-  """A cache of `slots` rows over the whole context, each row with its own length."""
-  with sharding.on_mesh(mesh):
-    return jax.jit(lambda p: model_lib.bind(cfg, p).init_cache(slots, per_row=True))(params)

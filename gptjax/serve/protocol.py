@@ -6,6 +6,8 @@ import math
 import time
 import uuid
 
+from gptjax import tokenizer as tokenizer_lib
+from gptjax.errors import UserError
 from gptjax.serve import decode
 from gptjax.serve.engine import Sampling
 from gptjax.serve.engine import Token
@@ -60,8 +62,6 @@ def prompts(body: dict, tokenizer, vocab_size: int) -> list[list[int]]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-  from gptjax import tokenizer as tokenizer_lib
-  from gptjax.errors import UserError
   try:
     return tokenizer_lib.encode_sequence(tokenizer, text)
   except UserError as e:  # a character the model has no token for
@@ -105,6 +105,11 @@ def sampling(body: dict, vocab_size: int) -> tuple[Sampling, int]:
                   stop=tuple(stop), logprobs=logprobs, echo=body.get("echo", False)), n
 
 
+def special_text(tokenizer, token_id: int | None) -> str | None:
+  """The text of a special token (end-of-text, beginning-of-sequence); None for a tokenizer without it."""
+  return None if token_id is None else tokenizer.decode([token_id])
+
+
 def chat_prompt(body: dict, tokenizer) -> list[int]:
   """The tokens of `messages` as the tokenizer's chat template writes them, with the assistant's
   turn opened (transformers' `apply_chat_template(..., add_generation_prompt=True)`)."""
@@ -115,10 +120,10 @@ def chat_prompt(body: dict, tokenizer) -> list[int]:
   if not isinstance(messages, list) or not messages or not all(
       isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
     raise BadRequest("messages must be a non-empty list of {role, content} objects with text content", "messages")
-  special = lambda i: "" if i is None else tokenizer.decode([i])  # noqa: E731
   try:
     text = _template(template).render(messages=messages, add_generation_prompt=True,
-                                       bos_token=special(tokenizer.bos_id), eos_token=special(tokenizer.eot_id))
+                                       bos_token=special_text(tokenizer, tokenizer.bos_id) or "",
+                                       eos_token=special_text(tokenizer, tokenizer.eot_id) or "")
   except Exception as e:  # the template's own errors (raise_exception), or jinja2's
     raise BadRequest(f"the chat template refused the messages: {e}", "messages") from None
   return tokenizer.encode(text)
